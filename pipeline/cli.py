@@ -1,0 +1,66 @@
+"""`python -m pipeline STEP --option value`: parse, build the step's config, call the step.
+
+Options are generated from the config dataclasses, so names, types, defaults and help live in
+pipeline.config only. TensorFlow is imported only once a step actually runs: --help and
+argument errors answer at once.
+"""
+
+import importlib
+from dataclasses import MISSING, fields
+
+import click
+
+from pipeline.config import EvaluateConfig, MainConfig, PipelineError, PrepareConfig, TrainConfig
+
+# command -> (config class, module:function, one-line help)
+STEPS = {
+    "prepare": (PrepareConfig, "pipeline.prepare:prepare",
+                "Find, check and split a dataset; log its manifest."),
+    "train": (TrainConfig, "pipeline.train:train",
+              "Fine-tune ResNet50 on prepared data; log the model."),
+    "evaluate": (EvaluateConfig, "pipeline.evaluate:evaluate",
+                 "Score a logged model on the test split."),
+    "main": (MainConfig, "pipeline.workflow:main",
+             "prepare, train and evaluate, nested under one run."),
+}
+
+
+def config_options(cls):
+    """Click options for every field of a config dataclass: --field-name, its type, default and help."""
+    def decorate(command):
+        required_first = sorted(fields(cls), key=lambda f: f.default is not MISSING)
+        for f in reversed(required_first):
+            required = f.default is MISSING
+            command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=f.type, required=required,
+                                   default=None if required else f.default, show_default=not required,
+                                   help=f.metadata.get("help"))(command)
+        return command
+    return decorate
+
+
+def run_step(cls, target: str, options: dict):
+    """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
+    try:
+        cfg = cls(**options)
+        module, function = target.split(":")
+        return getattr(importlib.import_module(module), function)(cfg)
+    except PipelineError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Fine-tune a Keras ResNet50 image classifier, tracked with MLflow."""
+
+
+def _add_step(name, cls, target, help):
+    @config_options(cls)
+    def command(**options):
+        result = run_step(cls, target, options)
+        click.echo(f"{name} finished: " + ", ".join(
+            f"{k}={v}" for k, v in vars(result).items() if isinstance(v, (str, int, float))))
+    cli.command(name, help=help)(command)
+
+
+for _name, (_cls, _target, _help) in STEPS.items():
+    _add_step(_name, _cls, _target, _help)

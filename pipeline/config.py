@@ -1,0 +1,124 @@
+"""Every parameter of every step, with its default and its check, in one place.
+
+The click CLI builds its options from these dataclasses and MLproject declares the same names
+(a test keeps the three in step), so a parameter has one name and one default everywhere.
+Configs check themselves on construction: a bad value fails in one line before any run starts.
+"""
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+PRESETS = ("blood_cells", "covid19")
+SPLITS = ("auto", "official", "random")
+POOLINGS = ("flatten", "avg")
+URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
+
+
+class PipelineError(Exception):
+    """A problem the user can fix. The CLI prints it as one line and exits non-zero."""
+
+
+def param(default=dataclasses.MISSING, help=""):
+    return field(default=default, metadata={"help": help})
+
+
+def _fine_tune_ok(v):
+    return v in ("none", "all") or (v.isdigit() and int(v) > 0)
+
+
+def _weights_ok(v):
+    return v in ("imagenet", "none") or bool(URI_SCHEME.match(v)) or os.path.isfile(v)
+
+
+# name -> (is the value fine?, what a fine value looks like). Applied to every config that has the field.
+CHECKS = {
+    "dataset": (bool, f"must be a preset ({', '.join(PRESETS)}) or a folder of class subfolders"),
+    "split": (lambda v: v in SPLITS, f"must be one of {', '.join(SPLITS)}"),
+    "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
+    "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
+    "max_per_class": (lambda v: v >= 0, "must be 0 (no cap) or a positive number of images"),
+    "image_size": (lambda v: v >= 32, "must be at least 32 pixels (ResNet50's smallest input), e.g. 224"),
+    "weights": (_weights_ok, "must be imagenet, none, an existing weights file, or a model URI such as runs:/<id>/model"),
+    "fine_tune": (_fine_tune_ok, "must be none (frozen backbone), all, or a positive number of top layers"),
+    "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
+    "units": (lambda v: v > 0, "must be a positive number of dense units, e.g. 8"),
+    "hidden_layers": (lambda v: v >= 0, "must be 0 or more dense layers, e.g. 1"),
+    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.5"),
+    "learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
+    "epochs": (lambda v: v > 0, "must be a positive number of epochs"),
+    "batch_size": (lambda v: v > 0, "must be a positive batch size, e.g. 32"),
+    "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
+    "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
+    "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Config:
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok, hint = CHECKS.get(f.name, (None, ""))
+            if ok is not None and not ok(value):
+                raise PipelineError(f"invalid {f.name}={value!r}: {hint}")
+
+    def to(self, cls, **overrides):
+        """This config's values for the fields of another config class, plus overrides."""
+        shared = {f.name: getattr(self, f.name) for f in fields(cls) if hasattr(self, f.name)}
+        return cls(**{**shared, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Experiment(_Config):
+    experiment: str = param("", "MLflow experiment; default: the dataset's name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParams(_Config):
+    dataset: str = param("blood_cells", "preset (blood_cells, covid19) or a folder of class subfolders")
+    data_dir: str = param("", "folder holding the preset's data; default: $PIPELINE_DATA_DIR/<dataset>")
+    split: str = param("auto", "auto: official test split if the data has one, else random; official; random")
+    val_fraction: float = param(0.2, "share of the training pool held out for validation")
+    test_fraction: float = param(0.2, "share of all images held out for test when the split is random")
+    seed: int = param(42, "seed for splitting, sampling, initialisation and shuffling")
+    max_per_class: int = param(0, "cap on images per class in each source split, for quick runs; 0: no cap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelParams(_Config):
+    image_size: int = param(224, "images are resized to image_size x image_size RGB")
+    weights: str = param("imagenet", "backbone weights: imagenet, none, a weights file, or a model URI")
+    fine_tune: str = param("none", "backbone layers to train: none (frozen), all, or a number of top layers")
+    pooling: str = param("flatten", "head input: flatten (as in the studies) or avg (global average pooling)")
+    units: int = param(8, "units of each hidden dense layer")
+    hidden_layers: int = param(1, "number of hidden dense layers")
+    dropout: float = param(0.5, "dropout rate before the output layer")
+    learning_rate: float = param(1e-5, "Adam learning rate")
+    epochs: int = param(10, "maximum number of epochs")
+    batch_size: int = param(32, "images per batch")
+    patience: int = param(3, "epochs without a lower val_loss before early stopping")
+    seed: int = param(42, "seed for splitting, sampling, initialisation and shuffling")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig(DataParams, _Experiment):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ModelParams, _Experiment):
+    data: str = param(help="prepared-data URI printed by prepare, e.g. runs:/<id>/data")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(_Experiment):
+    model: str = param(help="model URI: runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    data: str = param(help="prepared-data URI printed by prepare, e.g. runs:/<id>/data")
+    batch_size: int = param(32, "images per batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MainConfig(ModelParams, DataParams, _Experiment):
+    pass

@@ -1,0 +1,86 @@
+"""The studies' classifier: raw RGB -> ResNet50 preprocessing -> ResNet50 -> dense head -> softmax.
+
+The model has three named parts so later steps can reach them: "preprocess" (a fixed 1x1
+convolution doing ResNet50's caffe preprocessing, RGB->BGR minus the ImageNet mean, so the
+logged model takes raw images and needs no custom code to load), "resnet50" (the backbone) and
+"head" (Flatten or global average pooling -> Dense(units, relu) x hidden_layers -> Dropout ->
+Dense(classes, softmax)).
+"""
+
+import keras
+import mlflow
+import numpy as np
+
+from pipeline.config import ModelParams, PipelineError, URI_SCHEME
+
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
+    """A compiled model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune."""
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    backbone = load_backbone(cfg.weights, cfg.image_size)
+    set_fine_tune(backbone, cfg.fine_tune)
+    x = preprocess_layer()(inputs)
+    # A pretrained backbone keeps BatchNorm in inference mode even when unfrozen (Keras guide);
+    # one trained from scratch needs batch statistics to learn at all.
+    from_scratch = cfg.weights == "none" and cfg.fine_tune != "none"
+    x = backbone(x) if from_scratch else backbone(x, training=False)
+    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(x)
+    model = keras.Model(inputs, outputs, name="resnet50_classifier")
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def preprocess_layer() -> keras.layers.Layer:
+    """ResNet50's preprocess_input as a frozen 1x1 convolution: BGR = permute(RGB) - mean."""
+    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False, dtype="float32")
+    layer.build((None, None, None, 3))
+    kernel = np.zeros((1, 1, 3, 3), "float32")
+    for rgb in range(3):
+        kernel[0, 0, rgb, 2 - rgb] = 1.0
+    layer.set_weights([kernel, -np.array(IMAGENET_BGR_MEAN, "float32")])
+    return layer
+
+
+def build_head(feature_shape, cfg: ModelParams, n_classes: int) -> keras.Model:
+    """The trainable classifier on top of the backbone's feature map."""
+    pool = keras.layers.Flatten() if cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D()
+    layers = [keras.Input(tuple(feature_shape)), pool]
+    layers += [keras.layers.Dense(cfg.units, activation="relu") for _ in range(cfg.hidden_layers)]
+    layers += [keras.layers.Dropout(cfg.dropout), keras.layers.Dense(n_classes, activation="softmax", dtype="float32")]
+    return keras.Sequential(layers, name="head")
+
+
+def load_backbone(weights: str, image_size: int) -> keras.Model:
+    """ResNet50 without its top, with weights: imagenet, none, a weights file, or a model URI."""
+    shape = (image_size, image_size, 3)
+    if URI_SCHEME.match(weights):
+        backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape)
+        backbone.set_weights(_backbone_weights_from(weights))
+        return backbone
+    try:
+        return keras.applications.ResNet50(include_top=False, weights=None if weights == "none" else weights,
+                                           input_shape=shape)
+    except Exception as e:
+        if weights == "imagenet":
+            raise PipelineError(f"cannot download the ImageNet weights ({type(e).__name__}); offline, use "
+                                "weights=none, a weights .h5 file, or a model URI from an earlier run") from None
+        raise PipelineError(f"cannot load weights file {weights!r} into ResNet50 ({e})".splitlines()[0]) from None
+
+
+def _backbone_weights_from(uri: str) -> list:
+    try:
+        return mlflow.keras.load_model(uri).get_layer("resnet50").get_weights()
+    except Exception as e:
+        raise PipelineError(f"cannot take backbone weights from model {uri!r} ({type(e).__name__}): "
+                            "pass a model URI logged by train, e.g. runs:/<id>/model") from None
+
+
+def set_fine_tune(backbone: keras.Model, fine_tune: str) -> None:
+    """none: frozen; all: every layer trainable; N: only the top N layers trainable."""
+    backbone.trainable = fine_tune != "none"
+    if fine_tune.isdigit():
+        for layer in backbone.layers[: -int(fine_tune)]:
+            layer.trainable = False

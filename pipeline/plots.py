@@ -1,0 +1,31 @@
+"""Figures logged with the runs: learning curves and the confusion matrix."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def learning_curves(history: dict, title: str = "") -> plt.Figure:
+    """Loss and accuracy per epoch, train vs validation, side by side (the studies' Graph/N.png)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history["loss"]) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
+        ax.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{title} {metric}".strip())
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm: pd.DataFrame) -> plt.Figure:
+    """Confusion matrix counts, true classes as rows."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(cm) + 3, 1.2 * len(cm) + 2))
+    ConfusionMatrixDisplay(cm.to_numpy(), display_labels=list(cm.columns)).plot(ax=ax, colorbar=False)
+    ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,65 @@
+"""Step 1: find the dataset, check every image, split it, and log the manifest."""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from pipeline import datasets
+from pipeline.config import PipelineError, PrepareConfig
+from pipeline.prepared import ARTIFACT_PATH, PreparedData
+from pipeline.tracking import step_run
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    run_id: str
+    data_uri: str  # hand this to train and evaluate
+    digest: str
+    counts: pd.DataFrame  # images per class (rows) and split (columns)
+    skipped: int
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Scan cfg.dataset, skip unreadable files, split, and log the result under data/.
+
+    Logs: data/manifest.csv, data/dataset.json, data/counts.csv, data/skipped.csv; the manifest
+    as an MLflow dataset input with its content digest; metrics n_train, n_val, n_test,
+    n_skipped and count/<split>/<class>. Fails before starting a run if the dataset is missing
+    or has fewer than two classes or an empty class folder.
+    """
+    source = datasets.locate(cfg.dataset, cfg.data_dir)
+    files = datasets.scan(source)
+    with step_run("prepare", cfg, source.name) as run:
+        usable, skipped = datasets.check_images(files)
+        _require_every_class(files, usable)
+        usable = datasets.cap(usable, cfg.max_per_class, cfg.seed)
+        manifest = datasets.split(usable, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest)
+        counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "val", "test"])
+        _log(data, counts, skipped)
+    print(counts.to_string(), f"\nskipped {len(skipped)} unreadable file(s)" if len(skipped) else "")
+    return PrepareResult(run.info.run_id, f"runs:/{run.info.run_id}/{ARTIFACT_PATH}", data.digest, counts,
+                         len(skipped))
+
+
+def _require_every_class(files: pd.DataFrame, usable: pd.DataFrame) -> None:
+    for pool, label in files[["pool", "label"]].drop_duplicates().itertuples(index=False):
+        if not ((usable["pool"] == pool) & (usable["label"] == label)).any():
+            raise PipelineError(f"class {label!r} has no readable image in the {pool} folder: "
+                                "add images or remove the class folder")
+
+
+def _log(data: PreparedData, counts: pd.DataFrame, skipped: pd.DataFrame) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data.save(Path(tmp))
+        counts.to_csv(Path(tmp) / "counts.csv")
+        skipped.to_csv(Path(tmp) / "skipped.csv", index=False)
+        mlflow.log_artifacts(tmp, ARTIFACT_PATH)
+    mlflow.log_input(data.mlflow_dataset(), context="prepare")
+    mlflow.set_tag("data_digest", data.digest)
+    totals = {f"n_{split}": int(n) for split, n in counts.sum().items()}
+    per_class = {f"count/{split}/{label}": int(n) for split in counts for label, n in counts[split].items()}
+    mlflow.log_metrics({**totals, **per_class, "n_skipped": len(skipped)})

@@ -1,0 +1,49 @@
+"""Where a step's MLflow run goes, and how its config is recorded.
+
+MLflow's own default tracking store is used (sqlite mlflow.db in the working directory) unless
+MLFLOW_TRACKING_URI says otherwise.
+"""
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import mlflow
+
+
+@contextmanager
+def step_run(step: str, cfg, dataset: str):
+    """Run one step in an MLflow run and yield it; the run ends FAILED if the step raises.
+
+    Inside another run (main) the step's run is nested under it. Under `mlflow run` the run that
+    MLflow made (MLFLOW_RUN_ID) is used. Otherwise a new run starts in the experiment
+    cfg.experiment, or one named after the dataset.
+    """
+    parent = mlflow.active_run()
+    if parent:
+        run = mlflow.start_run(run_name=step, nested=True, experiment_id=parent.info.experiment_id)
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run()
+        if run.info.experiment_id == "0" and not cfg.experiment:
+            print(f"note: this run is in the Default experiment; `mlflow run --experiment-name {dataset}` "
+                  "groups runs per dataset", file=sys.stderr)
+    else:
+        mlflow.set_experiment(cfg.experiment or dataset)
+        run = mlflow.start_run(run_name=step)
+    with run:
+        mlflow.set_tags({"step": step, "dataset": dataset})
+        log_config(cfg)
+        yield run
+
+
+def log_config(cfg) -> None:
+    """Log a config as params and as config.json.
+
+    Params that `mlflow run` already logged from the command line are left as they are: MLflow
+    refuses to change a param, and "1e-5" and "1e-05" are the same value.
+    """
+    values = asdict(cfg)
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+    mlflow.log_dict(values, "config.json")

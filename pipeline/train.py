@@ -1,0 +1,93 @@
+"""Step 2: fine-tune the classifier on the train split, early-stopped on the validation split."""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import keras
+import mlflow
+import tensorflow as tf
+from mlflow.models import infer_signature
+
+from pipeline import prepared
+from pipeline.config import TrainConfig
+from pipeline.data import load_images, make_dataset
+from pipeline.model import build_model
+from pipeline.plots import learning_curves
+from pipeline.tracking import step_run
+
+MODEL_NAME = "model"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str  # hand this to evaluate
+    val_accuracy: float  # of the restored (best val_loss) epoch
+    val_loss: float
+    learning_time_s: float
+
+
+class _LogEpochs(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train on the prepared data at cfg.data (train and val splits only) and log the model.
+
+    Logs: every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy;
+    learning_time_s and learning_time_ms (model.fit's wall clock); best_epoch, val_accuracy and
+    val_loss of the restored weights; plots/learning_curves.png; the model (name "model") with
+    its signature, an input example, and class_names, image_size and config in its metadata.
+    """
+    data = prepared.load(cfg.data)
+    train_rows, val_rows = data.split("train"), data.split("val")
+    with step_run("train", cfg, data.name) as run:
+        mlflow.log_input(data.mlflow_dataset("train"), context="training")
+        mlflow.log_input(data.mlflow_dataset("val"), context="validation")
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(cfg, len(data.class_names))
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
+        start = time.perf_counter()
+        history = model.fit(
+            make_dataset(train_rows, cfg.image_size, cfg.batch_size, shuffle_seed=cfg.seed),
+            validation_data=make_dataset(val_rows, cfg.image_size, cfg.batch_size),
+            epochs=cfg.epochs, callbacks=[stop, _LogEpochs()], verbose=2,
+        ).history
+        seconds = time.perf_counter() - start
+        best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
+        summary = {"val_accuracy": history["val_accuracy"][best], "val_loss": history["val_loss"][best]}
+        mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
+                            "learning_time_ms": seconds * 1000})
+        mlflow.log_figure(learning_curves(history, data.name), "plots/learning_curves.png")
+        info = _log_model(model, data, cfg, example=load_images(train_rows["path"].iloc[:1], cfg.image_size))
+    return TrainResult(run.info.run_id, info.model_uri, summary["val_accuracy"], summary["val_loss"], seconds)
+
+
+class _KerasFlavor:
+    """mlflow.keras, whose save_model writes the input example before it creates the model's
+    folder (mlflow/mlflow#16183, still open in MLflow 3.17): create the folder first.
+    Once fixed upstream, _log_model becomes mlflow.keras.log_model(model, name=..., ...)."""
+
+    @staticmethod
+    def save_model(path, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def _log_model(model: keras.Model, data: prepared.PreparedData, cfg: TrainConfig, example):
+    """Log the whole image-to-probabilities model with what later steps need to use it."""
+    return mlflow.models.Model.log(
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=_KerasFlavor,
+        flavor_name="mlflow.keras",
+        model=model,
+        signature=infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        metadata={"class_names": data.class_names, "image_size": cfg.image_size, "dataset": data.name,
+                  "data_digest": data.digest, "config": asdict(cfg)},
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
+                          f"keras=={keras.__version__}"],
+    )

@@ -1,0 +1,43 @@
+"""The main entry point: prepare, train and evaluate, each a run nested under one main run.
+
+The steps run in this process (one TensorFlow start-up, not three) and hand each other URIs
+exactly as separate `mlflow run -e STEP` calls would.
+"""
+
+from dataclasses import dataclass
+
+import mlflow
+
+from pipeline import datasets
+from pipeline.config import EvaluateConfig, MainConfig, PrepareConfig, TrainConfig
+from pipeline.evaluate import SUMMARY, evaluate
+from pipeline.prepare import prepare
+from pipeline.tracking import step_run
+from pipeline.train import train
+
+
+@dataclass(frozen=True)
+class MainResult:
+    run_id: str
+    data_uri: str
+    model_uri: str
+    metrics: dict[str, float]
+
+
+def main(cfg: MainConfig) -> MainResult:
+    """Run the three steps for cfg; the main run gets their URIs as tags and the key metrics.
+
+    Logs on the main run: val_accuracy, val_loss, learning_time_s and the test summary metrics;
+    tags data_uri, model_uri and the child run ids.
+    """
+    source = datasets.locate(cfg.dataset, cfg.data_dir)  # a missing dataset fails before any run
+    with step_run("main", cfg, source.name) as run:
+        p = prepare(cfg.to(PrepareConfig))
+        t = train(cfg.to(TrainConfig, data=p.data_uri))
+        e = evaluate(cfg.to(EvaluateConfig, model=t.model_uri, data=p.data_uri))
+        metrics = {"val_accuracy": t.val_accuracy, "val_loss": t.val_loss, "learning_time_s": t.learning_time_s}
+        metrics |= {k: e.metrics[k] for k in SUMMARY if k in e.metrics}
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"data_uri": p.data_uri, "model_uri": t.model_uri, "prepare_run_id": p.run_id,
+                         "train_run_id": t.run_id, "evaluate_run_id": e.run_id})
+    return MainResult(run.info.run_id, p.data_uri, t.model_uri, metrics)
