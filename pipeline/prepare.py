@@ -33,9 +33,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     files = datasets.scan(source)
     with step_run("prepare", cfg, source.name) as run:
+        files = datasets.cap(files, cfg.max_per_class, cfg.seed)
         usable, skipped = datasets.check_images(files)
         _require_every_class(files, usable)
-        usable = datasets.cap(usable, cfg.max_per_class, cfg.seed)
         manifest = datasets.split(usable, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest)
         counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "val", "test"])

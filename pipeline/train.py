@@ -54,6 +54,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             make_dataset(train_rows, cfg.image_size, cfg.batch_size, shuffle_seed=cfg.seed),
             validation_data=make_dataset(val_rows, cfg.image_size, cfg.batch_size),
             epochs=cfg.epochs, callbacks=[stop, _LogEpochs()], verbose=2,
+            shuffle=False,  # make_dataset shuffles, seeded; Keras cannot shuffle a tf.data.Dataset
         ).history
         seconds = time.perf_counter() - start
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)

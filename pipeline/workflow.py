@@ -10,10 +10,8 @@ import mlflow
 
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, MainConfig, PrepareConfig, TrainConfig
-from pipeline.evaluate import SUMMARY, evaluate
 from pipeline.prepare import prepare
 from pipeline.tracking import step_run
-from pipeline.train import train
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,9 @@ def main(cfg: MainConfig) -> MainResult:
     tags data_uri, model_uri and the child run ids.
     """
     source = datasets.locate(cfg.dataset, cfg.data_dir)  # a missing dataset fails before any run
+    from pipeline.evaluate import SUMMARY, evaluate  # TensorFlow: only once the data is there
+    from pipeline.train import train
+
     with step_run("main", cfg, source.name) as run:
         p = prepare(cfg.to(PrepareConfig))
         t = train(cfg.to(TrainConfig, data=p.data_uri))

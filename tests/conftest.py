@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("cat", "dog", "owl")
+# One colour per class, so that even a tiny model has something to learn.
+COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "owl": (40, 40, 200)}
+
+
+def write_images(folder: Path, label: str, n: int, size: int = 24, fmt: str = "png", seed: int = 0) -> list[Path]:
+    """n small RGB images of one class: its colour plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(100 * sorted(COLOURS).index(label) + seed)
+    paths = []
+    for i in range(n):
+        pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype("uint8")
+        paths.append(folder / f"{label}_{seed}_{i}.{fmt}")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def make_dataset(root: Path, n: int = 8, classes=CLASSES, with_test: bool = False) -> Path:
+    """root/<class>/*.png, or root/{train,test}/<class>/*.png with_test."""
+    for label in classes:
+        if with_test:
+            write_images(root / "train" / label, label, n)
+            write_images(root / "test" / label, label, max(2, n // 2), seed=1)
+        else:
+            write_images(root / label, label, n)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory):
+    """One sqlite tracking store for the session, artifacts beside it (MLflow puts them under the
+    working directory); tests keep apart by experiment name."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ.pop("PIPELINE_DATA_DIR", None)
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_dataset(tmp_path / "shapes")

@@ -1,0 +1,103 @@
+"""MLproject, the click CLI and the config dataclasses name and default every parameter alike."""
+
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cli as cli_module
+from pipeline.config import CHECKS, MainConfig, PipelineError, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("step", sorted(cli_module.STEPS))
+def test_every_mlproject_parameter_reaches_command_cli_and_config(step):
+    entry = MLPROJECT["entry_points"][step]
+    config = {f.name: f for f in fields(cli_module.STEPS[step][0])}
+    options = {p.name: p for p in cli_module.cli.commands[step].params if p.name != "help"}
+    assert set(entry["parameters"]) == set(config) == set(options)
+    for name, spec in entry["parameters"].items():
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], name
+        default = spec.get("default") if isinstance(spec, dict) else MISSING
+        if config[name].default is MISSING:
+            assert default is MISSING and options[name].required, name
+        else:
+            assert config[name].type(default) == config[name].default == options[name].default, name
+
+
+def test_every_entry_point_has_a_cli_command():
+    assert set(MLPROJECT["entry_points"]) == set(cli_module.STEPS)
+
+
+def test_help_lists_the_steps_without_importing_tensorflow():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for step in cli_module.STEPS:
+        assert step in out.stdout
+    probe = "import sys, pipeline.cli; sys.exit('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["main", "--learning-rate", "-1"], "invalid learning_rate=-1.0"),
+    (["main", "--split", "sideways"], "invalid split='sideways'"),
+    (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
+    (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
+])
+def test_bad_parameter_exits_nonzero_with_one_line(args, message):
+    out = run_cli(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], out.stderr
+
+
+def test_wrong_type_is_a_usage_error():
+    out = run_cli("main", "--epochs", "many")
+    assert out.returncode == 2 and "'many' is not a valid integer" in out.stderr
+
+
+BAD_VALUES = {
+    "dataset": "", "split": "x", "val_fraction": 1.0, "test_fraction": 0.0, "max_per_class": -1, "image_size": 16,
+    "weights": "/no/such/file.h5", "fine_tune": "-3", "pooling": "max", "units": 0, "hidden_layers": -1,
+    "dropout": 1.0, "learning_rate": -1.0, "epochs": 0, "batch_size": 0, "patience": 0, "data": "", "model": "",
+}
+
+
+def test_every_check_has_a_bad_value():
+    assert set(BAD_VALUES) == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_config_rejects_bad_value_in_one_line(name):
+    cls = TrainConfig if name == "data" else MainConfig
+    kwargs = {"data": "runs:/x/data"} if cls is TrainConfig else {}
+    if name == "model":
+        from pipeline.config import EvaluateConfig as cls
+        kwargs = {"data": "runs:/x/data"}
+    with pytest.raises(PipelineError, match=f"invalid {name}=") as e:
+        cls(**{**kwargs, name: BAD_VALUES[name]})
+    assert "\n" not in str(e.value)
+
+
+def test_defaults_are_valid_and_the_studies_setting():
+    cfg = MainConfig()
+    assert (cfg.hidden_layers, cfg.units, cfg.learning_rate, cfg.dropout) == (1, 8, 1e-5, 0.5)
+    assert (cfg.image_size, cfg.weights, cfg.fine_tune, cfg.pooling) == (224, "imagenet", "none", "flatten")
+
+
+def test_fine_tune_and_weights_accept_their_forms(tmp_path):
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"")
+    for fine_tune in ("none", "all", "10"):
+        assert MainConfig(fine_tune=fine_tune).fine_tune == fine_tune
+    for w in ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion"):
+        assert MainConfig(weights=w).weights == w
