@@ -23,8 +23,8 @@ MODEL_NAME = "model"
 class TrainResult:
     run_id: str
     model_uri: str  # hand this to evaluate
-    val_accuracy: float  # of the restored (best val_loss) epoch
-    val_loss: float
+    best_val_accuracy: float  # of the restored (lowest val_loss) epoch
+    best_val_loss: float
     learning_time_s: float
 
 
@@ -37,8 +37,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train on the prepared data at cfg.data (train and val splits only) and log the model.
 
     Logs: every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy;
-    learning_time_s and learning_time_ms (model.fit's wall clock); best_epoch, val_accuracy and
-    val_loss of the restored weights; plots/learning_curves.png; the model (name "model") with
+    learning_time_s and learning_time_ms (model.fit's wall clock); best_epoch, best_val_accuracy
+    and best_val_loss of the restored weights; plots/learning_curves.png; the model (name "model") with
     its signature, an input example, and class_names, image_size and config in its metadata.
     """
     data = prepared.load(cfg.data)
@@ -58,12 +58,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         ).history
         seconds = time.perf_counter() - start
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
-        summary = {"val_accuracy": history["val_accuracy"][best], "val_loss": history["val_loss"][best]}
+        summary = {"best_val_accuracy": history["val_accuracy"][best], "best_val_loss": history["val_loss"][best]}
         mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
                             "learning_time_ms": seconds * 1000})
         mlflow.log_figure(learning_curves(history, data.name), "plots/learning_curves.png")
         info = _log_model(model, data, cfg, example=load_images(train_rows["path"].iloc[:1], cfg.image_size))
-    return TrainResult(run.info.run_id, info.model_uri, summary["val_accuracy"], summary["val_loss"], seconds)
+    return TrainResult(run.info.run_id, info.model_uri, learning_time_s=seconds, **summary)
 
 
 class _KerasFlavor:

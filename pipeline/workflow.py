@@ -25,7 +25,7 @@ class MainResult:
 def main(cfg: MainConfig) -> MainResult:
     """Run the three steps for cfg; the main run gets their URIs as tags and the key metrics.
 
-    Logs on the main run: val_accuracy, val_loss, learning_time_s and the test summary metrics;
+    Logs on the main run: best_val_accuracy, best_val_loss, learning_time_s and the test summary metrics;
     tags data_uri, model_uri and the child run ids.
     """
     source = datasets.locate(cfg.dataset, cfg.data_dir)  # a missing dataset fails before any run
@@ -36,7 +36,8 @@ def main(cfg: MainConfig) -> MainResult:
         p = prepare(cfg.to(PrepareConfig))
         t = train(cfg.to(TrainConfig, data=p.data_uri))
         e = evaluate(cfg.to(EvaluateConfig, model=t.model_uri, data=p.data_uri))
-        metrics = {"val_accuracy": t.val_accuracy, "val_loss": t.val_loss, "learning_time_s": t.learning_time_s}
+        metrics = {"best_val_accuracy": t.best_val_accuracy, "best_val_loss": t.best_val_loss,
+                   "learning_time_s": t.learning_time_s}
         metrics |= {k: e.metrics[k] for k in SUMMARY if k in e.metrics}
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"data_uri": p.data_uri, "model_uri": t.model_uri, "prepare_run_id": p.run_id,
