@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 PRESETS = ("blood_cells", "covid19")
 SPLITS = ("auto", "official", "random")
 POOLINGS = ("flatten", "avg")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+FEATURE_CACHE = ("auto", "off")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -43,6 +45,8 @@ CHECKS = {
     "weights": (_weights_ok, "must be imagenet, none, an existing weights file, or a model URI such as runs:/<id>/model"),
     "fine_tune": (_fine_tune_ok, "must be none (frozen backbone), all, or a positive number of top layers"),
     "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
+    "precision": (lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+    "feature_cache": (lambda v: v in FEATURE_CACHE, f"must be one of {', '.join(FEATURE_CACHE)}"),
     "units": (lambda v: v > 0, "must be a positive number of dense units, e.g. 8"),
     "hidden_layers": (lambda v: v >= 0, "must be 0 or more dense layers, e.g. 1"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.5"),
@@ -100,6 +104,9 @@ class ModelParams(_Config):
     batch_size: int = param(32, "images per batch")
     patience: int = param(3, "epochs without a lower val_loss before early stopping")
     seed: int = param(42, "seed for splitting, sampling, initialisation and shuffling")
+    precision: str = param("auto", "float32, mixed_bfloat16, mixed_float16, or auto (by hardware)")
+    feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
+    cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +124,8 @@ class EvaluateConfig(_Experiment):
     model: str = param(help="model URI: runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
     data: str = param(help="prepared-data URI printed by prepare, e.g. runs:/<id>/data")
     batch_size: int = param(32, "images per batch")
+    feature_cache: str = param("auto", "auto: score a frozen-backbone model on cached features; off")
+    cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 from pipeline import prepared
 from pipeline.config import EvaluateConfig, PipelineError
 from pipeline.data import make_dataset
+from pipeline.features import FeatureBatches, model_features
 from pipeline.plots import confusion_matrix
 from pipeline.tracking import step_run
 
@@ -67,7 +68,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                             f"{data.class_names}: evaluate the model on the dataset it was trained on")
     with step_run("evaluate", cfg, data.name) as run:
         mlflow.log_input(data.mlflow_dataset("test"), context="test")
-        probs = model.predict(make_dataset(test, info.metadata["image_size"], cfg.batch_size), verbose=0)
+        probs = _predict(model, info.metadata, test, cfg)
         scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
         mlflow.log_metrics(scores)
         mlflow.set_tags({"model_uri": cfg.model, "source_run_id": info.run_id or ""})
@@ -78,6 +79,15 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                 mlflow.tracking.MlflowClient().log_metric(info.run_id, key, scores[key])
     print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores))
     return EvaluateResult(run.info.run_id, scores)
+
+
+def _predict(model, metadata: dict, rows: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
+    """Class probabilities for rows; a frozen-backbone model runs its head on cached features."""
+    if cfg.feature_cache == "auto" and metadata.get("config", {}).get("fine_tune") == "none":
+        features, _ = model_features(model, rows, metadata["precision"], cfg.cache_dir, cfg.batch_size)
+        labels = rows["label_index"].to_numpy("int32")
+        return model.get_layer("head").predict(FeatureBatches(features, labels, cfg.batch_size), verbose=0)
+    return model.predict(make_dataset(rows, metadata["image_size"], cfg.batch_size), verbose=0)
 
 
 def _load(uri: str):

@@ -7,6 +7,9 @@ logged model takes raw images and needs no custom code to load), "resnet50" (the
 Dense(classes, softmax)).
 """
 
+from contextlib import contextmanager
+from pathlib import Path
+
 import keras
 import mlflow
 import numpy as np
@@ -17,9 +20,14 @@ IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
-    """A compiled model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune."""
+    """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune; not compiled:
+    compile what is trained (the whole model, or only its head on cached features).
+
+    The backbone computes in cfg.precision; preprocessing and the head stay float32.
+    """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
-    backbone = load_backbone(cfg.weights, cfg.image_size)
+    with dtype_policy(resolve_precision(cfg.precision)):
+        backbone = load_backbone(cfg.weights, cfg.image_size)
     set_fine_tune(backbone, cfg.fine_tune)
     x = preprocess_layer()(inputs)
     # A pretrained backbone keeps BatchNorm in inference mode even when unfrozen (Keras guide);
@@ -27,10 +35,42 @@ def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
     from_scratch = cfg.weights == "none" and cfg.fine_tune != "none"
     x = backbone(x) if from_scratch else backbone(x, training=False)
     outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(x)
-    model = keras.Model(inputs, outputs, name="resnet50_classifier")
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return keras.Model(inputs, outputs, name="resnet50_classifier")
+
+
+def compile_for_training(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """image -> frozen backbone features, sharing the model's own preprocess and resnet50 layers."""
+    inputs = keras.Input(model.inputs[0].shape[1:])
+    features = model.get_layer("resnet50")(model.get_layer("preprocess")(inputs), training=False)
+    return keras.Model(inputs, features, name="features")
+
+
+def resolve_precision(precision: str) -> str:
+    """auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bfloat16 instructions, else float32."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@contextmanager
+def dtype_policy(name: str):
+    """Layers created inside compute in this Keras dtype policy; the global policy is restored after."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 def preprocess_layer() -> keras.layers.Layer:

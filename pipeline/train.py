@@ -12,7 +12,8 @@ from mlflow.models import infer_signature
 from pipeline import prepared
 from pipeline.config import TrainConfig
 from pipeline.data import load_images, make_dataset
-from pipeline.model import build_model
+from pipeline.features import FeatureBatches, model_features
+from pipeline.model import build_model, compile_for_training, resolve_precision
 from pipeline.plots import learning_curves
 from pipeline.tracking import step_run
 
@@ -37,9 +38,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train on the prepared data at cfg.data (train and val splits only) and log the model.
 
     Logs: every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy;
-    learning_time_s and learning_time_ms (model.fit's wall clock); best_epoch, best_val_accuracy
-    and best_val_loss of the restored weights; plots/learning_curves.png; the model (name "model") with
-    its signature, an input example, and class_names, image_size and config in its metadata.
+    learning_time_s and learning_time_ms (fit's wall clock); best_epoch, best_val_accuracy and
+    best_val_loss of the restored weights; plots/learning_curves.png; the whole image-to-class
+    model (name "model") with its signature, an input example, and class_names, image_size,
+    precision and config in its metadata. A frozen backbone trains its head on cached features
+    (see pipeline.features) and also logs the feature_* metrics of _fit_head_on_features.
     """
     data = prepared.load(cfg.data)
     train_rows, val_rows = data.split("train"), data.split("val")
@@ -48,15 +51,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         mlflow.log_input(data.mlflow_dataset("val"), context="validation")
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, len(data.class_names))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
-        start = time.perf_counter()
-        history = model.fit(
-            make_dataset(train_rows, cfg.image_size, cfg.batch_size, shuffle_seed=cfg.seed),
-            validation_data=make_dataset(val_rows, cfg.image_size, cfg.batch_size),
-            epochs=cfg.epochs, callbacks=[stop, _LogEpochs()], verbose=2,
-            shuffle=False,  # make_dataset shuffles, seeded; Keras cannot shuffle a tf.data.Dataset
-        ).history
-        seconds = time.perf_counter() - start
+        if uses_feature_cache(cfg):
+            history, seconds = _fit_head_on_features(model, train_rows, val_rows, cfg)
+        else:
+            compile_for_training(model, cfg.learning_rate)
+            history, seconds = _fit(model, make_dataset(train_rows, cfg.image_size, cfg.batch_size, cfg.seed),
+                                    make_dataset(val_rows, cfg.image_size, cfg.batch_size), cfg)
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
         summary = {"best_val_accuracy": history["val_accuracy"][best], "best_val_loss": history["val_loss"][best]}
         mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
@@ -64,6 +64,40 @@ def train(cfg: TrainConfig) -> TrainResult:
         mlflow.log_figure(learning_curves(history, data.name), "plots/learning_curves.png")
         info = _log_model(model, data, cfg, example=load_images(train_rows["path"].iloc[:1], cfg.image_size))
     return TrainResult(run.info.run_id, info.model_uri, learning_time_s=seconds, **summary)
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """With the backbone frozen its features never change: train the head on cached features."""
+    return cfg.feature_cache == "auto" and cfg.fine_tune == "none"
+
+
+def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig) -> tuple[dict, float]:
+    """Fit with early stopping on val_loss (best weights restored); (history, wall-clock seconds)."""
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
+    start = time.perf_counter()
+    history = model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=[stop, _LogEpochs()],
+                        verbose=2, shuffle=False)  # the inputs shuffle themselves, seeded
+    return history.history, time.perf_counter() - start
+
+
+def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainConfig) -> tuple[dict, float]:
+    """Train model's head on cached backbone features; model (which shares the head) is then trained.
+
+    Logs feature_extraction_s, feature_cache_hits (0-2: train and val found in the cache) and
+    feature_cache_mb.
+    """
+    start = time.perf_counter()
+    precision = resolve_precision(cfg.precision)
+    (train_f, train_hit), (val_f, val_hit) = (
+        model_features(model, rows, precision, cfg.cache_dir, cfg.batch_size) for rows in (train_rows, val_rows))
+    mlflow.log_metrics({"feature_extraction_s": time.perf_counter() - start,
+                        "feature_cache_hits": train_hit + val_hit,
+                        "feature_cache_mb": (train_f.nbytes + val_f.nbytes) / 2**20})
+    head = model.get_layer("head")
+    compile_for_training(head, cfg.learning_rate)
+    y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (train_rows, val_rows))
+    return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
+                FeatureBatches(val_f, y_val, cfg.batch_size), cfg)
 
 
 class _KerasFlavor:
@@ -88,7 +122,7 @@ def _log_model(model: keras.Model, data: prepared.PreparedData, cfg: TrainConfig
         signature=infer_signature(example, model.predict(example, verbose=0)),
         input_example=example,
         metadata={"class_names": data.class_names, "image_size": cfg.image_size, "dataset": data.name,
-                  "data_digest": data.digest, "config": asdict(cfg)},
+                  "data_digest": data.digest, "precision": resolve_precision(cfg.precision), "config": asdict(cfg)},
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
                           f"keras=={keras.__version__}"],
     )

@@ -28,7 +28,8 @@ def main(cfg: MainConfig) -> MainResult:
     Logs on the main run: best_val_accuracy, best_val_loss, learning_time_s and the test summary metrics;
     tags data_uri, model_uri and the child run ids.
     """
-    source = datasets.locate(cfg.dataset, cfg.data_dir)  # a missing dataset fails before any run
+    source = datasets.locate(cfg.dataset, cfg.data_dir)
+    datasets.scan(source)  # a missing or malformed dataset fails before any run starts
     from pipeline.evaluate import SUMMARY, evaluate  # TensorFlow: only once the data is there
     from pipeline.train import train
 

@@ -45,6 +45,7 @@ def tracking_store(tmp_path_factory):
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     os.environ.pop("PIPELINE_DATA_DIR", None)
+    os.environ["PIPELINE_CACHE_DIR"] = str(folder / "feature-cache")
     return folder
 
 
