@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.config import EvaluateConfig, MainConfig, PipelineError, PrepareConfig, TrainConfig
+from pipeline.config import EvaluateConfig, GridConfig, MainConfig, PipelineError, PrepareConfig, TrainConfig
 
 # command -> (config class, module:function, one-line help)
 STEPS = {
@@ -22,6 +22,8 @@ STEPS = {
                  "Score a logged model on the test split."),
     "main": (MainConfig, "pipeline.workflow:main",
              "prepare, train and evaluate, nested under one run."),
+    "grid": (GridConfig, "pipeline.grid:grid",
+             "The studies' seven-point grid: one child run per point."),
 }
 
 

@@ -131,3 +131,8 @@ class EvaluateConfig(_Experiment):
 @dataclass(frozen=True, kw_only=True)
 class MainConfig(ModelParams, DataParams, _Experiment):
     pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridConfig(MainConfig):
+    """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""

@@ -51,8 +51,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     return {k: float(v) for k, v in out.items()}, pd.DataFrame(cm, index=class_names, columns=class_names)
 
 
-def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
-    """Score cfg.model on the test split of cfg.data.
+def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
+    """Score cfg.model on the test split of cfg.data, in a run of its own or in the run run_id.
 
     Logs: the metrics of compute_metrics; confusion_matrix.csv and plots/confusion_matrix.png;
     predictions.csv (path, label, predicted, one probability column per class). The summary
@@ -66,14 +66,14 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     if info.metadata["class_names"] != data.class_names:
         raise PipelineError(f"model classes {info.metadata['class_names']} differ from the data's "
                             f"{data.class_names}: evaluate the model on the dataset it was trained on")
-    with step_run("evaluate", cfg, data.name) as run:
+    with step_run("evaluate", cfg, data.name, run_id=run_id) as run:
         mlflow.log_input(data.mlflow_dataset("test"), context="test")
         probs = _predict(model, info.metadata, test, cfg)
         scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
         mlflow.log_metrics(scores)
         mlflow.set_tags({"model_uri": cfg.model, "source_run_id": info.run_id or ""})
         _log_tables(cm, test, probs, data.class_names)
-    if info.run_id:
+    if info.run_id and info.run_id != run.info.run_id:
         for key in SUMMARY:
             if key in scores:
                 mlflow.tracking.MlflowClient().log_metric(info.run_id, key, scores[key])

@@ -29,3 +29,15 @@ def confusion_matrix(cm: pd.DataFrame) -> plt.Figure:
     ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     return fig
+
+
+def grid_chart(table: pd.DataFrame) -> plt.Figure:
+    """Test accuracy and learning time per grid point, side by side (the studies' result.png)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, column, colour in zip(axes, ("Accuracy", "Learning Time(ms)"), ("tab:blue", "tab:orange")):
+        bars = ax.bar(table["Model"], table[column], color=colour)
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.set(title=column, ylabel=column)
+        ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    return fig

@@ -22,8 +22,9 @@ class PrepareResult:
     skipped: int
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
-    """Scan cfg.dataset, skip unreadable files, split, and log the result under data/.
+def prepare(cfg: PrepareConfig, run_id: str | None = None) -> PrepareResult:
+    """Scan cfg.dataset, skip unreadable files, split, and log the result under data/ of a run of
+    its own or of the run run_id.
 
     Logs: data/manifest.csv, data/dataset.json, data/counts.csv, data/skipped.csv; the manifest
     as an MLflow dataset input with its content digest; metrics n_train, n_val, n_test,
@@ -32,7 +33,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     """
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     files = datasets.scan(source)
-    with step_run("prepare", cfg, source.name) as run:
+    with step_run("prepare", cfg, source.name, run_id=run_id) as run:
         files = datasets.cap(files, cfg.max_per_class, cfg.seed)
         usable, skipped = datasets.check_images(files)
         _require_every_class(files, usable)

@@ -13,16 +13,24 @@ import mlflow
 
 
 @contextmanager
-def step_run(step: str, cfg, dataset: str):
+def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: str | None = None):
     """Run one step in an MLflow run and yield it; the run ends FAILED if the step raises.
 
-    Inside another run (main) the step's run is nested under it. Under `mlflow run` the run that
-    MLflow made (MLFLOW_RUN_ID) is used. Otherwise a new run starts in the experiment
-    cfg.experiment, or one named after the dataset.
+    Inside another run (main, grid) the step's run is nested under it. Under `mlflow run` the run
+    that MLflow made (MLFLOW_RUN_ID) is used. Otherwise a new run starts in the experiment
+    cfg.experiment, or one named after the dataset. With run_id the step logs into that existing
+    run instead, the active one or resumed (a grid point evaluates into its training run), and
+    its config goes to config_<step>.json.
     """
     parent = mlflow.active_run()
-    if parent:
-        run = mlflow.start_run(run_name=step, nested=True, experiment_id=parent.info.experiment_id)
+    if run_id and parent and parent.info.run_id == run_id:
+        log_config(cfg, f"config_{step}.json")
+        yield parent
+        return
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, nested=parent is not None)
+    elif parent:
+        run = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id)
     elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()
         if run.info.experiment_id == "0" and not cfg.experiment:
@@ -30,14 +38,17 @@ def step_run(step: str, cfg, dataset: str):
                   "groups runs per dataset", file=sys.stderr)
     else:
         mlflow.set_experiment(cfg.experiment or dataset)
-        run = mlflow.start_run(run_name=step)
+        run = mlflow.start_run(run_name=run_name or step)
     with run:
-        mlflow.set_tags({"step": step, "dataset": dataset})
-        log_config(cfg)
+        if run_id:
+            log_config(cfg, f"config_{step}.json")
+        else:
+            mlflow.set_tags({"step": step, "dataset": dataset})
+            log_config(cfg)
         yield run
 
 
-def log_config(cfg) -> None:
+def log_config(cfg, artifact: str = "config.json") -> None:
     """Log a config as params and as config.json.
 
     Params that `mlflow run` already logged from the command line are left as they are: MLflow
@@ -46,4 +57,4 @@ def log_config(cfg) -> None:
     values = asdict(cfg)
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: v for k, v in values.items() if k not in logged})
-    mlflow.log_dict(values, "config.json")
+    mlflow.log_dict(values, artifact)

@@ -34,7 +34,7 @@ class _LogEpochs(keras.callbacks.Callback):
         mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     """Train on the prepared data at cfg.data (train and val splits only) and log the model.
 
     Logs: every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy;
@@ -43,6 +43,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model (name "model") with its signature, an input example, and class_names, image_size,
     precision and config in its metadata. A frozen backbone trains its head on cached features
     (see pipeline.features) and also logs the feature_* metrics of _fit_head_on_features.
+    callbacks: extra Keras callbacks for fit, e.g. tune's pruning.
     """
     data = prepared.load(cfg.data)
     train_rows, val_rows = data.split("train"), data.split("val")
@@ -52,11 +53,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, len(data.class_names))
         if uses_feature_cache(cfg):
-            history, seconds = _fit_head_on_features(model, train_rows, val_rows, cfg)
+            history, seconds = _fit_head_on_features(model, train_rows, val_rows, cfg, callbacks)
         else:
             compile_for_training(model, cfg.learning_rate)
             history, seconds = _fit(model, make_dataset(train_rows, cfg.image_size, cfg.batch_size, cfg.seed),
-                                    make_dataset(val_rows, cfg.image_size, cfg.batch_size), cfg)
+                                    make_dataset(val_rows, cfg.image_size, cfg.batch_size), cfg, callbacks)
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
         summary = {"best_val_accuracy": history["val_accuracy"][best], "best_val_loss": history["val_loss"][best]}
         mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
@@ -71,16 +72,17 @@ def uses_feature_cache(cfg: TrainConfig) -> bool:
     return cfg.feature_cache == "auto" and cfg.fine_tune == "none"
 
 
-def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig) -> tuple[dict, float]:
+def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig, callbacks=()) -> tuple[dict, float]:
     """Fit with early stopping on val_loss (best weights restored); (history, wall-clock seconds)."""
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
     start = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=[stop, _LogEpochs()],
+    history = model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=[stop, _LogEpochs(), *callbacks],
                         verbose=2, shuffle=False)  # the inputs shuffle themselves, seeded
     return history.history, time.perf_counter() - start
 
 
-def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainConfig) -> tuple[dict, float]:
+def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainConfig,
+                          callbacks=()) -> tuple[dict, float]:
     """Train model's head on cached backbone features; model (which shares the head) is then trained.
 
     Logs feature_extraction_s, feature_cache_hits (0-2: train and val found in the cache) and
@@ -97,7 +99,7 @@ def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainCo
     compile_for_training(head, cfg.learning_rate)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (train_rows, val_rows))
     return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
-                FeatureBatches(val_f, y_val, cfg.batch_size), cfg)
+                FeatureBatches(val_f, y_val, cfg.batch_size), cfg, callbacks)
 
 
 class _KerasFlavor:

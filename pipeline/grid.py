@@ -1,0 +1,144 @@
+"""The studies' seven-point grid: one parent run, one child run per point (train + evaluate).
+
+Every point shares the data, epochs, seed and weights; with a frozen backbone they also share
+one feature extraction (pipeline.features), so the grid costs one backbone pass plus seven
+small heads. A point already finished for the same data and settings (tag grid_key) is reused,
+so a grid that stopped half-way continues where it stopped.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from pipeline import datasets
+from pipeline.config import EvaluateConfig, GridConfig, PrepareConfig, TrainConfig
+from pipeline.plots import grid_chart
+from pipeline.tracking import step_run
+
+# (hidden layers, dense units, learning rate) of the studies' runs 1 to 7.
+GRID = ((1, 8, 1e-5), (1, 16, 1e-5), (1, 32, 1e-5), (2, 8, 1e-5), (3, 8, 1e-5), (1, 8, 5e-5), (1, 8, 1e-4))
+TABLE_COLUMNS = ["Model", "Hidden Layer", "Dense Count", "Learning Rate", "Accuracy", "Learning Time(ms)"]
+
+
+@dataclass(frozen=True)
+class GridResult:
+    run_id: str
+    table: pd.DataFrame  # the studies' columns, one row per point
+    best_model_uri: str  # the point with the best validation accuracy
+    best_run_id: str
+
+
+def point_configs(cfg: GridConfig, data_uri: str) -> list[TrainConfig]:
+    """The seven training configs: cfg with each point's hidden_layers, units and learning_rate."""
+    base = cfg.to(TrainConfig, data=data_uri)
+    return [replace(base, hidden_layers=k, units=n, learning_rate=lr) for k, n, lr in GRID]
+
+
+def grid(cfg: GridConfig) -> GridResult:
+    """Prepare the data into the parent run, then train and evaluate each point in a child run.
+
+    Logs on the parent: the data artifacts of prepare; grid_results.csv and grid_results.md
+    (Model | Hidden Layer | Dense Count | Learning Rate | Accuracy | Learning Time(ms), Accuracy
+    being test accuracy); plots/grid.png; best_grid_point, best_val_accuracy and its
+    test_accuracy (the best point is chosen on validation accuracy). Children are named
+    point-1..point-7 and tagged grid_point and grid_key. Prints the table.
+    """
+    from pipeline.prepare import prepare
+
+    source = datasets.locate(cfg.dataset, cfg.data_dir)
+    datasets.scan(source)  # fail before any run starts
+    settings = _key(cfg, source.name)
+    with step_run("grid", cfg, source.name, run_id=_interrupted_parent(cfg.experiment or source.name, settings)) as parent:
+        mlflow.set_tags({"step": "grid", "grid_settings": settings})
+        data = prepare(cfg.to(PrepareConfig), run_id=parent.info.run_id)
+        rows = []
+        for number, point in enumerate(point_configs(cfg, data.data_uri), start=1):
+            rows.append(_point(number, point, data.digest, cfg))
+        runs = pd.DataFrame(rows)
+        table = _log_table(runs)
+        best = runs.loc[runs["best_val_accuracy"].idxmax()]
+        mlflow.log_metrics({"best_grid_point": int(best["number"]), "best_val_accuracy": best["best_val_accuracy"],
+                            "test_accuracy": best["test_accuracy"]})
+        mlflow.set_tags({"best_model_uri": best["model_uri"], "best_run_id": best["run_id"]})
+    print(table.to_string(index=False))
+    return GridResult(parent.info.run_id, table, best["model_uri"], best["run_id"])
+
+
+def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dict:
+    """Train and evaluate one point in a child run, or reuse its finished run."""
+    from pipeline.evaluate import evaluate
+    from pipeline.train import train
+
+    key = _key(point, digest)
+    done = mlflow.search_runs([mlflow.active_run().info.experiment_id], output_format="list",
+                              filter_string=f"tags.grid_key = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    done = [r for r in done if "test_accuracy" in r.data.metrics]
+    if done:
+        run = done[0]
+        print(f"point {number}: reusing finished run {run.info.run_id}")
+        return _row(number, point, run.info.run_id, run.data.tags["model_uri"], run.data.metrics)
+    result = train(point)
+    client = mlflow.MlflowClient()
+    for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number), "grid_key": key,
+                       "model_uri": result.model_uri}.items():
+        client.set_tag(result.run_id, tag, value)
+    scores = evaluate(cfg.to(EvaluateConfig, model=result.model_uri, data=point.data), run_id=result.run_id)
+    metrics = {**scores.metrics, "best_val_accuracy": result.best_val_accuracy,
+               "learning_time_ms": result.learning_time_s * 1000}
+    return _row(number, point, result.run_id, result.model_uri, metrics)
+
+
+def _key(cfg, data: str) -> str:
+    """Same data and same settings give the same key; data is a content digest or a dataset name."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("data", "experiment", "cache_dir")}
+    return hashlib.sha256(json.dumps([data, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _interrupted_parent(experiment: str, settings: str) -> str | None:
+    """The latest grid run with these settings that did not finish, to continue in; its children
+    still marked RUNNING (a killed process) are marked KILLED. None under `mlflow run`, which
+    makes the parent run itself."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if os.environ.get("MLFLOW_RUN_ID") or found is None:
+        return None
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([found.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.grid_settings = '{settings}' and attributes.status != 'FINISHED'")
+    if not runs:
+        return None
+    parent = runs[0].info.run_id
+    stale = f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+    for child in client.search_runs([found.experiment_id], filter_string=stale):
+        client.set_terminated(child.info.run_id, "KILLED")
+    print(f"continuing the interrupted grid run {parent}")
+    return parent
+
+
+def _row(number: int, point: TrainConfig, run_id: str, model_uri: str, metrics: dict) -> dict:
+    return {"number": number, "hidden_layers": point.hidden_layers, "units": point.units,
+            "learning_rate": point.learning_rate, "test_accuracy": metrics["test_accuracy"],
+            "learning_time_ms": metrics["learning_time_ms"], "best_val_accuracy": metrics["best_val_accuracy"],
+            "run_id": run_id, "model_uri": model_uri}
+
+
+def _log_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The studies' result table and chart, logged on the active (parent) run."""
+    table = pd.DataFrame({
+        "Model": [f"Model {n}" for n in runs["number"]], "Hidden Layer": runs["hidden_layers"],
+        "Dense Count": runs["units"], "Learning Rate": runs["learning_rate"],
+        "Accuracy": runs["test_accuracy"].round(4), "Learning Time(ms)": runs["learning_time_ms"].round(0).astype(int),
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "grid_results.csv", index=False)
+        (Path(tmp) / "grid_results.md").write_text(table.to_markdown(index=False) + "\n")
+        runs.to_csv(Path(tmp) / "grid_runs.csv", index=False)
+        mlflow.log_artifacts(tmp)
+    mlflow.log_figure(grid_chart(table), "plots/grid.png")
+    return table

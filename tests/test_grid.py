@@ -1,0 +1,61 @@
+"""The studies' grid: its definition, one parent with seven children, and resuming."""
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import make_dataset
+
+from pipeline.config import GridConfig
+from pipeline.grid import GRID, point_configs
+
+
+def test_grid_is_the_studies_table():
+    studies = """1 1 8 1e-5|2 1 16 1e-5|3 1 32 1e-5|4 2 8 1e-5|5 3 8 1e-5|6 1 8 5e-5|7 1 8 1e-4"""
+    expected = [tuple(float(v) for v in row.split()[1:]) for row in studies.split("|")]
+    assert [tuple(map(float, point)) for point in GRID] == expected
+
+
+def test_points_differ_only_in_the_grid_parameters():
+    configs = point_configs(GridConfig(weights="none", epochs=3, seed=7), "runs:/x/data")
+    assert [(c.hidden_layers, c.units, c.learning_rate) for c in configs] == list(GRID)
+    shared = {(c.epochs, c.seed, c.weights, c.data, c.image_size, c.dropout) for c in configs}
+    assert shared == {(3, 7, "none", "runs:/x/data", 224, 0.5)}
+
+
+@pytest.mark.slow
+def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys, monkeypatch):
+    import pipeline.train
+    from pipeline.grid import grid
+
+    root = make_dataset(tmp_path / "shapes", n=8)
+    cfg = GridConfig(dataset=str(root), experiment="grid-e2e", weights="none", image_size=32, epochs=2, batch_size=8,
+                     val_fraction=0.25, test_fraction=0.25)
+    real_train, calls = pipeline.train.train, []
+
+    def train_then_break(point, *args):
+        calls.append(point)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("stopped half-way")
+        return real_train(point, *args)
+
+    monkeypatch.setattr(pipeline.train, "train", train_then_break)
+    with pytest.raises(KeyboardInterrupt):
+        grid(cfg)
+    [interrupted] = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.step = 'grid'")["run_id"]
+
+    monkeypatch.setattr(pipeline.train, "train", real_train)
+    result = grid(cfg)
+    out = capsys.readouterr().out
+    assert result.run_id == interrupted and out.count("reusing finished run") == 3 and "Model 7" in out
+    runs = mlflow.search_runs(experiment_names=["grid-e2e"])
+    children = runs[(runs["tags.mlflow.parentRunId"] == result.run_id) & (runs["status"] == "FINISHED")]
+    assert len(runs) == 8 and len(children) == 7 and runs.loc[runs["run_id"] == result.run_id, "status"].item() == "FINISHED"
+    assert sorted(children["tags.grid_point"].astype(int)) == list(range(1, 8))
+    assert sorted(children["tags.mlflow.runName"]) == [f"point-{n}" for n in range(1, 8)]
+    assert children["metrics.test_accuracy"].notna().all() and children["metrics.best_val_accuracy"].notna().all()
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/grid_results.csv"))
+    assert list(table.columns) == ["Model", "Hidden Layer", "Dense Count", "Learning Rate", "Accuracy",
+                                   "Learning Time(ms)"]
+    assert table[["Hidden Layer", "Dense Count", "Learning Rate"]].apply(tuple, axis=1).tolist() == list(GRID)
+    best = children.loc[children["metrics.best_val_accuracy"].idxmax()]
+    assert result.best_run_id == best["run_id"]
