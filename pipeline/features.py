@@ -84,8 +84,8 @@ def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_siz
     progress = keras.utils.Progbar(math.ceil(len(rows) / batch_size), unit_name="batch")
     start = 0
     for images, _ in batches:
-        block = extractor(images, training=False)
-        out[start:start + len(block)] = keras.ops.convert_to_numpy(keras.ops.cast(block, "float16"))
+        block = np.asarray(extractor.predict_on_batch(images))
+        out[start:start + len(block)] = block.astype(np.float16)
         start += len(block)
         progress.add(1)
     out.flush()
