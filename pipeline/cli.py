@@ -6,6 +6,7 @@ argument errors answer at once.
 """
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
 import click
@@ -21,7 +22,7 @@ STEPS = {
     "evaluate": (EvaluateConfig, "pipeline.evaluate:evaluate",
                  "Score a logged model on the test split."),
     "main": (MainConfig, "pipeline.workflow:main",
-             "prepare, train and evaluate, nested under one run."),
+             "prepare, train and evaluate, nested under one run; register the model."),
 }
 
 
@@ -40,10 +41,21 @@ def config_options(cls):
 
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
+    with one_line_errors():
+        return function(target)(cls(**options))
+
+
+def function(target: str):
+    """The function named module:function, imported only now."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@contextmanager
+def one_line_errors():
+    """A PipelineError becomes click's `Error: ...` line and a non-zero exit, no traceback."""
     try:
-        cfg = cls(**options)
-        module, function = target.split(":")
-        return getattr(importlib.import_module(module), function)(cfg)
+        yield
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
 
@@ -64,3 +76,24 @@ def _add_step(name, cls, target, help):
 
 for _name, (_cls, _target, _help) in STEPS.items():
     _add_step(_name, _cls, _target, _help)
+
+
+@cli.group()
+def models():
+    """Registered models: versions, aliases, source runs and key metrics."""
+
+
+@models.command("list")
+def list_models():
+    """Every version of every registered model."""
+    with one_line_errors():
+        table = function("pipeline.registry:versions")()
+    click.echo(table.to_string(index=False) if len(table) else "no registered models yet: run main first")
+
+
+@models.command("show")
+@click.argument("name")
+def show_model(name):
+    """The versions of registered model NAME."""
+    with one_line_errors():
+        click.echo(function("pipeline.registry:versions")(name).to_string(index=False))

@@ -76,6 +76,11 @@ class _Experiment(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class _Registry(_Config):
+    registered_model: str = param("", "registered model name; default: <dataset>-resnet50")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataParams(_Config):
     dataset: str = param("blood_cells", "preset (blood_cells, covid19) or a folder of class subfolders")
     data_dir: str = param("", "folder holding the preset's data; default: $PIPELINE_DATA_DIR/<dataset>")
@@ -120,5 +125,5 @@ class EvaluateConfig(_Experiment):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MainConfig(ModelParams, DataParams, _Experiment):
+class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
     pass
