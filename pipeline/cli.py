@@ -11,7 +11,8 @@ from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.config import EvaluateConfig, MainConfig, PipelineError, PrepareConfig, TrainConfig
+from pipeline.config import (EvaluateConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
+                             TrainConfig)
 
 # command -> (config class, module:function, one-line help)
 STEPS = {
@@ -23,6 +24,8 @@ STEPS = {
                  "Score a logged model on the test split."),
     "main": (MainConfig, "pipeline.workflow:main",
              "prepare, train and evaluate, nested under one run; register the model."),
+    "predict": (PredictConfig, "pipeline.predict:predict",
+                "Classify image files with a model; write a CSV."),
 }
 
 

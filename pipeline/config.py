@@ -52,6 +52,8 @@ CHECKS = {
     "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
+    "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
+    "output": (bool, "is required: the file to write, e.g. predictions.csv"),
 }
 
 
@@ -127,3 +129,11 @@ class EvaluateConfig(_Experiment):
 @dataclass(frozen=True, kw_only=True)
 class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
     pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(_Config):
+    model: str = param(help="model URI: runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    input: str = param(help="a folder of images (searched recursively) or one image file")
+    output: str = param("predictions.csv", "CSV to write: path, predicted, confidence, p_<class>, error")
+    batch_size: int = param(32, "images per batch")
