@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.config import (EvaluateConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
+from pipeline.config import (EvaluateConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig, ReportConfig,
                              TrainConfig)
 
 # command -> (config class, module:function, one-line help)
@@ -26,6 +26,8 @@ STEPS = {
              "prepare, train and evaluate, nested under one run; register the model."),
     "predict": (PredictConfig, "pipeline.predict:predict",
                 "Classify image files with a model; write a CSV."),
+    "report": (ReportConfig, "pipeline.report:report",
+               "Write a Markdown report of a dataset's runs and champion."),
 }
 
 

@@ -137,3 +137,9 @@ class PredictConfig(_Config):
     input: str = param(help="a folder of images (searched recursively) or one image file")
     output: str = param("predictions.csv", "CSV to write: path, predicted, confidence, p_<class>, error")
     batch_size: int = param(32, "images per batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(_Registry, _Experiment):
+    dataset: str = param("blood_cells", "dataset whose experiment is reported: a preset name or a folder")
+    output: str = param("report.md", "Markdown file to write; its figures go to plots/ beside it")

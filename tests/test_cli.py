@@ -53,6 +53,7 @@ def test_help_lists_the_steps_without_importing_tensorflow():
     (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
     (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
     (["predict", "--model", "models:/x@champion", "--input", "/no/such/folder"], "/no/such/folder does not exist"),
+    (["report", "--dataset", "no_such_dataset"], "no experiment 'no_such_dataset'"),
     (["models", "show", "no-such-model"], "no registered model 'no-such-model'"),
 ])
 def test_bad_parameter_exits_nonzero_with_one_line(args, message):
