@@ -55,7 +55,9 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
     """
     info = _model_info(model_uri)
     meta = info.metadata or {}
-    name = registered_model or default_name(meta.get("dataset", "model"))
+    if not (registered_model or meta.get("dataset")):
+        raise PipelineError(f"model {model_uri!r} names no dataset in its metadata: pass registered_model=NAME")
+    name = registered_model or default_name(meta["dataset"])
     scores = {k: v for k, v in _run_metrics(info.run_id).items() if k in METRICS} | (metrics or {})
     tags = _version_tags(model_uri, info.run_id, meta, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
