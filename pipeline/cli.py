@@ -6,11 +6,13 @@ argument errors answer at once.
 """
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.config import EvaluateConfig, GridConfig, MainConfig, PipelineError, PrepareConfig, TrainConfig
+from pipeline.config import (EvaluateConfig, GridConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
+                             ReportConfig, TrainConfig)
 
 # command -> (config class, module:function, one-line help)
 STEPS = {
@@ -21,9 +23,13 @@ STEPS = {
     "evaluate": (EvaluateConfig, "pipeline.evaluate:evaluate",
                  "Score a logged model on the test split."),
     "main": (MainConfig, "pipeline.workflow:main",
-             "prepare, train and evaluate, nested under one run."),
+             "prepare, train and evaluate, nested under one run; register the model."),
     "grid": (GridConfig, "pipeline.grid:grid",
              "The studies' seven-point grid: one child run per point."),
+    "predict": (PredictConfig, "pipeline.predict:predict",
+                "Classify image files with a model; write a CSV."),
+    "report": (ReportConfig, "pipeline.report:report",
+               "Write a Markdown report of a dataset's runs and champion."),
 }
 
 
@@ -42,10 +48,21 @@ def config_options(cls):
 
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
+    with one_line_errors():
+        return function(target)(cls(**options))
+
+
+def function(target: str):
+    """The function named module:function, imported only now."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@contextmanager
+def one_line_errors():
+    """A PipelineError becomes click's `Error: ...` line and a non-zero exit, no traceback."""
     try:
-        cfg = cls(**options)
-        module, function = target.split(":")
-        return getattr(importlib.import_module(module), function)(cfg)
+        yield
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
 
@@ -66,3 +83,24 @@ def _add_step(name, cls, target, help):
 
 for _name, (_cls, _target, _help) in STEPS.items():
     _add_step(_name, _cls, _target, _help)
+
+
+@cli.group()
+def models():
+    """Registered models: versions, aliases, source runs and key metrics."""
+
+
+@models.command("list")
+def list_models():
+    """Every version of every registered model."""
+    with one_line_errors():
+        table = function("pipeline.registry:versions")()
+    click.echo(table.to_string(index=False) if len(table) else "no registered models yet: run main first")
+
+
+@models.command("show")
+@click.argument("name")
+def show_model(name):
+    """The versions of registered model NAME."""
+    with one_line_errors():
+        click.echo(function("pipeline.registry:versions")(name).to_string(index=False))

@@ -56,6 +56,8 @@ CHECKS = {
     "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
+    "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
+    "output": (bool, "is required: the file to write, e.g. predictions.csv"),
 }
 
 
@@ -77,6 +79,11 @@ class _Config:
 @dataclass(frozen=True, kw_only=True)
 class _Experiment(_Config):
     experiment: str = param("", "MLflow experiment; default: the dataset's name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Registry(_Config):
+    registered_model: str = param("", "registered model name; default: <dataset>-resnet50")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,10 +136,24 @@ class EvaluateConfig(_Experiment):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MainConfig(ModelParams, DataParams, _Experiment):
+class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
     pass
 
 
 @dataclass(frozen=True, kw_only=True)
 class GridConfig(MainConfig):
     """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(_Config):
+    model: str = param(help="model URI: runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    input: str = param(help="a folder of images (searched recursively) or one image file")
+    output: str = param("predictions.csv", "CSV to write: path, predicted, confidence, p_<class>, error")
+    batch_size: int = param(32, "images per batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(_Registry, _Experiment):
+    dataset: str = param("blood_cells", "dataset whose experiment is reported: a preset name or a folder")
+    output: str = param("report.md", "Markdown file to write; its figures go to plots/ beside it")

@@ -120,6 +120,17 @@ def _files(folder: Path):
         yield from (Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
 
 
+def files_at(path: str | Path) -> pd.DataFrame:
+    """Candidate files (a path column) of one file or, for a folder, every visible file under it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: pass a folder of images or one image file")
+    files = [path] if path.is_file() else list(_files(path))
+    if not files:
+        raise PipelineError(f"{path} holds no files: pass a folder of images or one image file")
+    return pd.DataFrame({"path": [str(f) for f in files]})
+
+
 def scan(source: Source) -> pd.DataFrame:
     """List candidate files as a frame (path, label, pool) with pool 'train' or 'test'.
 

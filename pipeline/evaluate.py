@@ -62,7 +62,7 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
     test = data.split("test")
     if test.empty:
         raise PipelineError(f"the prepared data at {cfg.data!r} has no test split")
-    model, info = _load(cfg.model)
+    model, info = load_model(cfg.model)
     if info.metadata["class_names"] != data.class_names:
         raise PipelineError(f"model classes {info.metadata['class_names']} differ from the data's "
                             f"{data.class_names}: evaluate the model on the dataset it was trained on")
@@ -90,7 +90,8 @@ def _predict(model, metadata: dict, rows: pd.DataFrame, cfg: EvaluateConfig) -> 
     return model.predict(make_dataset(rows, metadata["image_size"], cfg.batch_size), verbose=0)
 
 
-def _load(uri: str):
+def load_model(uri: str):
+    """(Keras model, mlflow ModelInfo with the metadata) of a model logged by train, or a one-line error."""
     try:
         return mlflow.keras.load_model(uri), mlflow.models.get_model_info(uri)
     except Exception as e:

@@ -1,4 +1,5 @@
-"""The main entry point: prepare, train and evaluate, each a run nested under one main run.
+"""The main entry point: prepare, train and evaluate, each a run nested under one main run, then
+register the model (pipeline.registry: a new version, champion only if it beats the champion).
 
 The steps run in this process (one TensorFlow start-up, not three) and hand each other URIs
 exactly as separate `mlflow run -e STEP` calls would.
@@ -11,6 +12,7 @@ import mlflow
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, MainConfig, PrepareConfig, TrainConfig
 from pipeline.prepare import prepare
+from pipeline.registry import register
 from pipeline.tracking import step_run
 
 
@@ -20,13 +22,15 @@ class MainResult:
     data_uri: str
     model_uri: str
     metrics: dict[str, float]
+    registered_model_uri: str  # models:/<name>/<version>
+    champion: bool  # whether that version is now models:/<name>@champion
 
 
 def main(cfg: MainConfig) -> MainResult:
-    """Run the three steps for cfg; the main run gets their URIs as tags and the key metrics.
+    """Run the three steps for cfg and register the model; the main run gets their URIs as tags and the key metrics.
 
     Logs on the main run: best_val_accuracy, best_val_loss, learning_time_s and the test summary metrics;
-    tags data_uri, model_uri and the child run ids.
+    tags data_uri, model_uri, the child run ids, registered_model, model_version and champion.
     """
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     datasets.scan(source)  # a missing or malformed dataset fails before any run starts
@@ -43,4 +47,6 @@ def main(cfg: MainConfig) -> MainResult:
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"data_uri": p.data_uri, "model_uri": t.model_uri, "prepare_run_id": p.run_id,
                          "train_run_id": t.run_id, "evaluate_run_id": e.run_id})
-    return MainResult(run.info.run_id, p.data_uri, t.model_uri, metrics)
+        r = register(t.model_uri, cfg.registered_model)  # after evaluate: the version gets test figures too
+        mlflow.set_tags({"registered_model": r.name, "model_version": r.version, "champion": str(r.champion)})
+    return MainResult(run.info.run_id, p.data_uri, t.model_uri, metrics, r.uri, r.champion)

@@ -52,3 +52,17 @@ def tracking_store(tmp_path_factory):
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny main run (prepare, train, evaluate, register) shared by the registry, predict, serve
+    and report tests: dataset folder 'regshapes', so experiment 'regshapes' and registered model
+    'regshapes-resnet50', which no other test registers to."""
+    from pipeline.config import MainConfig
+    from pipeline.workflow import main
+
+    root = make_dataset(tmp_path_factory.mktemp("registry") / "regshapes", n=8)
+    cfg = MainConfig(dataset=str(root), val_fraction=0.25, test_fraction=0.25, weights="none", image_size=32,
+                     epochs=2, batch_size=8, patience=5, learning_rate=1e-3)
+    return cfg, main(cfg)

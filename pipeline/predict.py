@@ -1,0 +1,77 @@
+"""Step: classify image files with a logged model and write one CSV row per file.
+
+The model says how to read images (image_size) and what the classes are (class_names), from its
+own metadata: nothing is re-listed or re-typed here.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import datasets
+from pipeline.config import PipelineError, PredictConfig
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    output: str  # the CSV written
+    predicted: int  # files classified
+    skipped: int  # unreadable files, listed in the CSV with an error
+
+
+def predict(cfg: PredictConfig) -> PredictResult:
+    """Classify every image under cfg.input with cfg.model and write cfg.output.
+
+    The CSV has path, predicted, confidence (the top probability), p_<class> per class and
+    error: files that do not decode as an image have only path and error (why), in the same
+    listing, never silently dropped. The file appears whole or not at all.
+    """
+    files = datasets.files_at(cfg.input)  # a missing input fails before TensorFlow starts
+    usable, skipped = datasets.check_images(files)
+    if usable.empty:
+        raise PipelineError(f"no readable image in {cfg.input} ({len(skipped)} file(s) skipped, e.g. "
+                            f"{skipped['path'].iloc[0]}: {skipped['reason'].iloc[0]})")
+    from pipeline.evaluate import load_model  # TensorFlow: only once there is something to classify
+
+    model, info = load_model(cfg.model)
+    class_names, image_size = info.metadata["class_names"], info.metadata["image_size"]
+    probs = _probabilities(model, usable["path"].tolist(), image_size, cfg.batch_size)
+    table = _table(usable["path"], probs, class_names, skipped)
+    _write_atomically(table, Path(cfg.output))
+    print(f"wrote {len(usable)} prediction(s) to {cfg.output}"
+          + (f"; skipped {len(skipped)} unreadable file(s), listed there with an error" if len(skipped) else ""))
+    return PredictResult(cfg.output, len(usable), len(skipped))
+
+
+def _probabilities(model, paths: list[str], image_size: int, batch_size: int) -> np.ndarray:
+    from pipeline.data import load_images
+
+    batches = range(0, len(paths), batch_size)
+    return np.concatenate([model.predict(load_images(paths[i:i + batch_size], image_size), verbose=0)
+                           for i in tqdm(batches, desc="predict", unit="batch")])
+
+
+def _table(paths: pd.Series, probs: np.ndarray, class_names: list[str], skipped: pd.DataFrame) -> pd.DataFrame:
+    done = pd.DataFrame({"path": paths.to_numpy(), "predicted": [class_names[i] for i in probs.argmax(axis=1)],
+                         "confidence": probs.max(axis=1)})
+    done[[f"p_{c}" for c in class_names]] = probs
+    failed = pd.DataFrame({"path": skipped["path"].to_numpy(), "error": skipped["reason"].to_numpy()})
+    return pd.concat([done.assign(error=""), failed], ignore_index=True).reindex(columns=[*done.columns, "error"])
+
+
+def _write_atomically(table: pd.DataFrame, output: Path) -> None:
+    """Write to a temporary file beside output, then rename: readers never see half a CSV."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            table.to_csv(f, index=False)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

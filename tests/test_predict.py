@@ -1,0 +1,66 @@
+"""predict: one CSV row per file, unreadable files listed with why, the CSV whole or absent."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import CLASSES, write_images
+
+from pipeline.config import PipelineError, PredictConfig
+from pipeline.predict import _write_atomically, predict
+
+CHAMPION = "models:/regshapes-resnet50@champion"
+
+
+@pytest.mark.slow
+def test_predict_writes_probabilities_and_lists_unreadable_files(trained, tmp_path):
+    images = tmp_path / "incoming"
+    good = write_images(images, "cat", 2, size=40, seed=7) + write_images(images / "deeper" / "more", "owl", 1, seed=7)
+    (images / "deeper" / "broken.png").write_bytes(b"\x89PNG not really")
+    (images / "notes.txt").write_text("not an image")
+    output = tmp_path / "out" / "predictions.csv"
+    result = predict(PredictConfig(model=CHAMPION, input=str(images), output=str(output), batch_size=2))
+    assert (result.predicted, result.skipped) == (3, 2)
+    table = pd.read_csv(output, keep_default_na=False, na_values=[""])
+    probabilities = [f"p_{c}" for c in CLASSES]
+    assert list(table.columns) == ["path", "predicted", "confidence", *probabilities, "error"]
+    done, failed = table[table["error"].isna()], table[table["error"].notna()]
+    assert sorted(done["path"]) == sorted(map(str, good)) and set(done["predicted"]) <= set(CLASSES)
+    assert done[probabilities].sum(axis=1).to_numpy() == pytest.approx(1, abs=1e-5)
+    assert (done["confidence"] == done[probabilities].max(axis=1)).all()
+    assert (done["predicted"] == done[probabilities].idxmax(axis=1).str[2:]).all()
+    assert sorted(Path(p).name for p in failed["path"]) == ["broken.png", "notes.txt"]
+    assert failed[probabilities].isna().all().all() and failed["error"].str.len().gt(0).all()
+    assert [p.name for p in output.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_predict_one_file(trained, tmp_path):
+    [image] = write_images(tmp_path, "dog", 1)
+    result = predict(PredictConfig(model=CHAMPION, input=str(image), output=str(tmp_path / "one.csv")))
+    assert result.predicted == 1 and len(pd.read_csv(tmp_path / "one.csv")) == 1
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "missing", "does not exist"),
+    (lambda root: root, "holds no files"),
+    (lambda root: (root / "a.txt").write_text("x") and root, "no readable image in"),
+])
+def test_predict_bad_input_fails_in_one_line_before_loading_a_model(tmp_path, make, message):
+    folder = make(tmp_path)
+    with pytest.raises(PipelineError, match=message) as e:
+        predict(PredictConfig(model="models:/not-loaded@champion", input=str(folder), output=str(tmp_path / "p.csv")))
+    assert "\n" not in str(e.value) and not (tmp_path / "p.csv").exists()
+
+
+def test_a_failed_write_leaves_the_previous_csv_untouched(tmp_path, monkeypatch):
+    output = tmp_path / "predictions.csv"
+    output.write_text("old\n")
+
+    def half_then_fail(self, f, **kwargs):
+        f.write("path,predicted\nhalf")
+        raise OSError("disk full")
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        _write_atomically(pd.DataFrame({"path": ["x"]}), output)
+    assert output.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]

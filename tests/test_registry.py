@@ -1,0 +1,87 @@
+"""The registry: versions with where they came from, the champion rule, look-up by alias."""
+
+import re
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from pipeline import cli as cli_module
+from pipeline.config import EvaluateConfig, PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.registry import CHAMPION, register, versions
+
+pytestmark = pytest.mark.slow
+NAME = "regshapes-resnet50"
+
+
+def champion_version(name: str) -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+
+
+def test_main_registers_its_model_with_where_it_came_from(trained):
+    cfg, result = trained
+    main_run = mlflow.get_run(result.run_id)
+    train_run = mlflow.get_run(main_run.data.tags["train_run_id"])
+    prepare_run = mlflow.get_run(main_run.data.tags["prepare_run_id"])
+    assert result.registered_model_uri == f"models:/{NAME}/1" and result.champion
+    assert (main_run.data.tags["registered_model"], main_run.data.tags["model_version"]) == (NAME, "1")
+    version = mlflow.MlflowClient().get_model_version(NAME, "1")
+    tags = version.tags
+    assert tags["data_digest"] == prepare_run.data.tags["data_digest"] and tags["dataset"] == "regshapes"
+    assert tags["source_run_id"] == train_run.info.run_id and tags["model_uri"] == result.model_uri
+    assert tags["param.learning_rate"] == str(cfg.learning_rate) and tags["param.units"] == str(cfg.units)
+    for key in ("best_val_accuracy", "test_accuracy"):
+        assert float(tags[key]) == pytest.approx(train_run.data.metrics[key]), key
+    assert tags["champion_decision"].startswith("champion: the first version")
+    assert champion_version(NAME) == "1"
+
+
+def test_champion_moves_only_when_validation_accuracy_improves_on_the_same_data(trained):
+    _, result = trained
+    name = "rule-resnet50"
+    steps = [(0.5, True), (0.4, False), (0.5, False), (0.7, True), (0.6, False)]  # a tie does not move it
+    for i, (accuracy, promoted) in enumerate(steps, start=1):
+        r = register(result.model_uri, name, metrics={"best_val_accuracy": accuracy})
+        assert (r.version, r.champion) == (str(i), promoted), (accuracy, r.decision)
+    assert champion_version(name) == "4"
+    table = versions(name)
+    assert table["best_val_accuracy"].tolist() == [0.5, 0.4, 0.5, 0.7, 0.6]  # every version keeps its score
+    assert table["aliases"].tolist() == ["", "", "", CHAMPION, ""]
+    assert "test_accuracy" in mlflow.MlflowClient().get_model_version(name, "2").tags  # read from the run
+
+
+def test_champion_trained_on_other_data_keeps_the_alias(trained):
+    _, result = trained
+    name = "digest-resnet50"
+    register(result.model_uri, name, metrics={"best_val_accuracy": 0.5})
+    mlflow.MlflowClient().set_model_version_tag(name, "1", "data_digest", "0123456789abcdef")  # as if re-prepared
+    r = register(result.model_uri, name, metrics={"best_val_accuracy": 0.99})
+    assert not r.champion and "trained on other data" in r.decision and champion_version(name) == "1"
+
+
+def test_register_rejects_an_unknown_model_in_one_line():
+    with pytest.raises(PipelineError, match="cannot register model 'runs:/0123456789abcdef/model'") as e:
+        register("runs:/0123456789abcdef/model")
+    assert "\n" not in str(e.value)
+
+
+def test_evaluate_takes_the_champion_alias(trained):
+    _, result = trained
+    e = evaluate(EvaluateConfig(model=f"models:/{NAME}@{CHAMPION}", data=result.data_uri, experiment="by-alias"))
+    assert e.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    assert mlflow.get_run(e.run_id).data.tags["source_run_id"] == mlflow.get_run(result.run_id).data.tags["train_run_id"]
+
+
+def test_models_list_and_show_print_versions_aliases_runs_and_metrics(trained):
+    _, result = trained
+    train_run_id = mlflow.get_run(result.run_id).data.tags["train_run_id"]
+    shown = CliRunner().invoke(cli_module.cli, ["models", "show", NAME])
+    assert shown.exit_code == 0, shown.output
+    header, row = shown.output.strip().splitlines()
+    assert header.split()[:4] == ["name", "version", "aliases", "source_run"] and "test_accuracy" in header
+    assert row.split()[:4] == [NAME, "1", CHAMPION, train_run_id]
+    listed = CliRunner().invoke(cli_module.cli, ["models", "list"])
+    assert listed.exit_code == 0 and re.search(rf"^{NAME}\s+1\s+{CHAMPION}\s", listed.output, re.M), listed.output
+    missing = CliRunner().invoke(cli_module.cli, ["models", "show", "no-such-model"])
+    assert missing.exit_code == 1 and missing.output.startswith("Error: no registered model 'no-such-model'")
