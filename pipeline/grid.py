@@ -19,6 +19,7 @@ import pandas as pd
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, GridConfig, PrepareConfig, TrainConfig
 from pipeline.plots import grid_chart
+from pipeline.registry import register
 from pipeline.tracking import step_run
 
 # (hidden layers, dense units, learning rate) of the studies' runs 1 to 7.
@@ -32,6 +33,7 @@ class GridResult:
     table: pd.DataFrame  # the studies' columns, one row per point
     best_model_uri: str  # the point with the best validation accuracy
     best_run_id: str
+    registered_model_uri: str  # models:/<name>/<version> of the best point
 
 
 def point_configs(cfg: GridConfig, data_uri: str) -> list[TrainConfig]:
@@ -46,7 +48,8 @@ def grid(cfg: GridConfig) -> GridResult:
     Logs on the parent: the data artifacts of prepare; grid_results.csv and grid_results.md
     (Model | Hidden Layer | Dense Count | Learning Rate | Accuracy | Learning Time(ms), Accuracy
     being test accuracy); plots/grid.png; best_grid_point, best_val_accuracy and its
-    test_accuracy (the best point is chosen on validation accuracy). Children are named
+    test_accuracy (the best point is chosen on validation accuracy), which is registered
+    (pipeline.registry: champion only if it beats the champion). Children are named
     point-1..point-7 and tagged grid_point and grid_key. Prints the table.
     """
     from pipeline.prepare import prepare
@@ -66,8 +69,11 @@ def grid(cfg: GridConfig) -> GridResult:
         mlflow.log_metrics({"best_grid_point": int(best["number"]), "best_val_accuracy": best["best_val_accuracy"],
                             "test_accuracy": best["test_accuracy"]})
         mlflow.set_tags({"best_model_uri": best["model_uri"], "best_run_id": best["run_id"]})
+        registered = register(best["model_uri"], cfg.registered_model, if_new=True)
+        mlflow.set_tags({"registered_model": registered.name, "model_version": registered.version,
+                         "champion": str(registered.champion)})
     print(table.to_string(index=False))
-    return GridResult(parent.info.run_id, table, best["model_uri"], best["run_id"])
+    return GridResult(parent.info.run_id, table, best["model_uri"], best["run_id"], registered.uri)
 
 
 def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dict:

@@ -45,29 +45,46 @@ def default_name(dataset: str) -> str:
     return f"{dataset}-resnet50"
 
 
-def register(model_uri: str, registered_model: str = "", metrics: dict[str, float] | None = None) -> Registration:
+def register(model_uri: str, registered_model: str = "", metrics: dict[str, float] | None = None,
+             if_new: bool = False) -> Registration:
     """Register model_uri (a model logged by train) and move `champion` to it if it is better.
 
     registered_model: the name; "" means <dataset>-resnet50, the dataset read from the model's
     metadata. metrics: overrides of the metrics read from the run that logged the model
     (best_val_accuracy, test_accuracy, ...); grid and tune pass nothing and their best run's
-    model URI. Returns the version and whether it is now the champion, and why.
+    model URI. if_new: return the version already registered from model_uri, if there is one
+    (a grid re-run whose points were all reused registers nothing new). Returns the version and
+    whether it is now the champion, and why.
     """
     info = _model_info(model_uri)
     meta = info.metadata or {}
     if not (registered_model or meta.get("dataset")):
         raise PipelineError(f"model {model_uri!r} names no dataset in its metadata: pass registered_model=NAME")
     name = registered_model or default_name(meta["dataset"])
+    client = mlflow.MlflowClient()
+    known = _registered_version(client, name, model_uri) if if_new else None
+    if known:
+        return Registration(name, str(known.version), f"models:/{name}/{known.version}",
+                            CHAMPION in known.aliases, "already registered")
     scores = {k: v for k, v in _run_metrics(info.run_id).items() if k in METRICS} | (metrics or {})
     tags = _version_tags(model_uri, info.run_id, meta, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
-    client = mlflow.MlflowClient()
     promote, decision = _champion_decision(client, name, tags)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "champion_decision", decision)
     print(f"registered {name} version {version}: {decision}")
     return Registration(name, str(version), f"models:/{name}/{version}", promote, decision)
+
+
+def _registered_version(client, name: str, model_uri: str):
+    """The version of name registered from model_uri, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    version = next((v.version for v in found if v.tags.get("model_uri") == model_uri), None)
+    return client.get_model_version(name, version) if version else None  # search leaves aliases out
 
 
 def _model_info(model_uri: str):

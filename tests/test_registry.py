@@ -51,6 +51,14 @@ def test_champion_moves_only_when_validation_accuracy_improves_on_the_same_data(
     assert "test_accuracy" in mlflow.MlflowClient().get_model_version(name, "2").tags  # read from the run
 
 
+def test_if_new_returns_the_version_already_registered_from_the_model(trained):
+    _, result = trained
+    first = register(result.model_uri, "once-resnet50", if_new=True)
+    again = register(result.model_uri, "once-resnet50", if_new=True)
+    assert (first.version, again.version, again.decision) == ("1", "1", "already registered") and again.champion
+    assert register(result.model_uri, "once-resnet50").version == "2"
+
+
 def test_champion_trained_on_other_data_keeps_the_alias(trained):
     _, result = trained
     name = "digest-resnet50"
