@@ -59,6 +59,8 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
     assert table[["Hidden Layer", "Dense Count", "Learning Rate"]].apply(tuple, axis=1).tolist() == list(GRID)
     best = children.loc[children["metrics.best_val_accuracy"].idxmax()]
     assert result.best_run_id == best["run_id"]
-    [version] = mlflow.MlflowClient().search_model_versions("name = 'shapes-resnet50'")
-    assert version.tags["source_run_id"] == best["run_id"] and "champion" in version.aliases
+    client = mlflow.MlflowClient()
+    [version] = client.search_model_versions("name = 'shapes-resnet50'")
+    assert version.tags["source_run_id"] == best["run_id"]
+    assert client.get_model_version_by_alias("shapes-resnet50", "champion").version == version.version
     assert result.registered_model_uri == f"models:/shapes-resnet50/{version.version}"
