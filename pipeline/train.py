@@ -96,10 +96,11 @@ def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainCo
                         "feature_cache_hits": train_hit + val_hit,
                         "feature_cache_mb": (train_f.nbytes + val_f.nbytes) / 2**20})
     head = model.get_layer("head")
-    compile_for_training(head, cfg.learning_rate)
+    compile_for_training(head, cfg.learning_rate, jit_compile=True)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (train_rows, val_rows))
+    # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
-                FeatureBatches(val_f, y_val, cfg.batch_size), cfg, callbacks)
+                FeatureBatches(val_f, y_val, 8 * cfg.batch_size), cfg, callbacks)
 
 
 class _KerasFlavor:
