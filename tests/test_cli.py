@@ -108,3 +108,11 @@ def test_fine_tune_and_weights_accept_their_forms(tmp_path):
         assert MainConfig(fine_tune=fine_tune).fine_tune == fine_tune
     for w in ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion"):
         assert MainConfig(weights=w).weights == w
+
+
+def test_readme_documents_every_parameter_and_entry_point():
+    readme = (ROOT / "README.md").read_text()
+    for step, (cls, _, _) in cli_module.STEPS.items():
+        assert f"-e {step}" in readme or step == "main", step
+        for f in fields(cls):
+            assert f"| `{f.name}` |" in readme, f.name
