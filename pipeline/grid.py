@@ -6,6 +6,7 @@ small heads. A point already finished for the same data and settings (tag grid_k
 so a grid that stopped half-way continues where it stopped.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import keras
 import mlflow
 import pandas as pd
 
@@ -96,6 +98,8 @@ def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dic
                        "model_uri": result.model_uri}.items():
         client.set_tag(result.run_id, tag, value)
     scores = evaluate(cfg.to(EvaluateConfig, model=result.model_uri, data=point.data), run_id=result.run_id)
+    keras.backend.clear_session(free_memory=True)  # seven ResNet50s need not stay in memory
+    gc.collect()
     metrics = {**scores.metrics, "best_val_accuracy": result.best_val_accuracy,
                "learning_time_ms": result.learning_time_s * 1000}
     return _row(number, point, result.run_id, result.model_uri, metrics)

@@ -6,6 +6,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
@@ -17,6 +18,7 @@ def learning_curves(history: dict, title: str = "") -> plt.Figure:
         ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
         ax.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
         ax.set(xlabel="epoch", ylabel=metric, title=f"{title} {metric}".strip())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     return fig
@@ -34,9 +36,10 @@ def confusion_matrix(cm: pd.DataFrame) -> plt.Figure:
 def grid_chart(table: pd.DataFrame) -> plt.Figure:
     """Test accuracy and learning time per grid point, side by side (the studies' result.png)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, column, colour in zip(axes, ("Accuracy", "Learning Time(ms)"), ("tab:blue", "tab:orange")):
+    for ax, column, colour, fmt in zip(axes, ("Accuracy", "Learning Time(ms)"), ("tab:blue", "tab:orange"),
+                                       ("%.4f", "%.0f")):
         bars = ax.bar(table["Model"], table[column], color=colour)
-        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
         ax.set(title=column, ylabel=column)
         ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
