@@ -9,6 +9,7 @@ changed input therefore never meets a stale entry. meta.json is written last and
 file's size, so a truncated or half-written entry is detected and rebuilt.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -66,11 +67,21 @@ def cached_features(rows: pd.DataFrame, extractor: keras.Model, key: str, cache_
 def _load(folder: Path):
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        if (folder / "features.npy").stat().st_size != meta["bytes"]:
+        stat = (folder / "features.npy").stat()
+        if stat.st_size != meta["bytes"]:
             return None
-        return np.load(folder / "features.npy", mmap_mode="r")
+        return _mapped(str(folder / "features.npy"), stat.st_ino, stat.st_size)
     except (OSError, ValueError, KeyError):
         return None
+
+
+@functools.lru_cache(maxsize=8)
+def _mapped(path: str, inode: int, size: int) -> np.ndarray:
+    """One mapping per cache file (and inode: a rebuilt entry is a new file) in this process.
+
+    Every grid point or trial that reads the same features shares it; a new mapping per point
+    would count the same pages in the resident memory once per point (18 GB for the full grid)."""
+    return np.load(path, mmap_mode="r")
 
 
 def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_size: int) -> None:
@@ -96,7 +107,10 @@ def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_siz
 
 
 class FeatureBatches(keras.utils.PyDataset):
-    """(features, labels) batches from a memmap, in a new seeded order each epoch if shuffled."""
+    """(features, labels) batches from a memmap, in a new seeded order each epoch if shuffled.
+
+    Batches stay float16 (the head's first layer casts them): converting to float32 in Python
+    cost more than the whole training step."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None):
         super().__init__()
@@ -110,7 +124,7 @@ class FeatureBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         index = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential reads
-        return self.features[index].astype(np.float32), self.labels[index]
+        return self.features[index], self.labels[index]
 
     def on_epoch_end(self):
         if self.rng is not None:

@@ -36,7 +36,7 @@ def test_cached_and_live_paths_predict_alike(rows, tmp_path):
     cached = model.get_layer("head").predict(FeatureBatches(features, rows["label_index"].to_numpy(), 5), verbose=0)
     np.testing.assert_allclose(cached, live, atol=2e-3)
     again, hit = model_features(model, rows, "float32", str(tmp_path))
-    assert hit and np.array_equal(again, features)
+    assert hit and again is features  # one mapping per process, however many runs read it
 
 
 def test_changed_rows_weights_or_size_never_reuse_an_entry(rows, tmp_path):
@@ -72,5 +72,5 @@ def test_feature_batches_shuffle_per_epoch_and_keep_pairs():
     second = np.concatenate([batches[i][1] for i in range(len(batches))])
     assert sorted(first) == sorted(second) == list(range(10)) and list(first) != list(second)
     x, y = batches[0]
-    assert x.dtype == np.float32 and np.array_equal(x[:, 0], y)
+    assert x.dtype == np.float16 and np.array_equal(x[:, 0], y)  # the head casts
     assert pd.Series(np.concatenate([FeatureBatches(features, labels, 3)[i][1] for i in range(4)])).is_monotonic_increasing
