@@ -63,7 +63,9 @@ def _train_runs(experiment: str) -> pd.DataFrame:
 
 def _studies_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = runs.sort_values("metrics.test_accuracy", ascending=False, na_position="last")
-    table = table.assign(Model="ResNet50 `" + table["run_id"].str[:8] + "`").rename(columns=COLUMNS)
+    # The run's name (point-3 of a grid, trial-12 of a search, train of a main run) and its id.
+    name = table.get("tags.mlflow.runName", pd.Series("run", index=table.index)).fillna("run")
+    table = table.assign(Model=name + " `" + table["run_id"].str[:8] + "`").rename(columns=COLUMNS)
     table["Accuracy"] = table["Accuracy"].map(lambda v: f"{v:.4f}")
     table["Learning Time(ms)"] = table["Learning Time(ms)"].map(lambda v: f"{v:.0f}")
     return table[["Model", *COLUMNS.values()]]
