@@ -28,13 +28,11 @@ def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     with dtype_policy(resolve_precision(cfg.precision)):
         backbone = load_backbone(cfg.weights, cfg.image_size)
-    set_fine_tune(backbone, cfg.fine_tune)
+    set_fine_tune(backbone, cfg.fine_tune, pretrained=cfg.weights != "none")
     x = preprocess_layer()(inputs)
-    # A pretrained backbone keeps BatchNorm in inference mode even when unfrozen (Keras guide);
-    # one trained from scratch needs batch statistics to learn at all.
-    from_scratch = cfg.weights == "none" and cfg.fine_tune != "none"
-    x = backbone(x) if from_scratch else backbone(x, training=False)
-    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(x)
+    # No training=False here: Keras 3 passes fit's training=True down into the nested backbone
+    # anyway. BatchNorm's mode follows its trainable flag, which set_fine_tune sets.
+    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(backbone(x))
     return keras.Model(inputs, outputs, name="resnet50_classifier")
 
 
@@ -119,9 +117,21 @@ def _backbone_weights_from(uri: str) -> list:
                             "pass a model URI logged by train, e.g. runs:/<id>/model") from None
 
 
-def set_fine_tune(backbone: keras.Model, fine_tune: str) -> None:
-    """none: frozen; all: every layer trainable; N: only the top N layers trainable."""
+def set_fine_tune(backbone: keras.Model, fine_tune: str, pretrained: bool) -> None:
+    """none: frozen; all: every layer trainable; N: only the top N layers trainable.
+
+    A pretrained backbone's BatchNormalization layers stay frozen whatever fine_tune says, as the
+    Keras transfer-learning guide advises: a frozen BatchNormalization layer runs in inference
+    mode (Keras 3), so small fine-tuning batches neither replace its learnt statistics in the
+    forward pass nor overwrite them. Calling the backbone with training=False does not achieve
+    this inside a functional model (Keras 3.15 hands fit's training=True down to nested layers).
+    A backbone trained from scratch (pretrained=False) needs its BatchNorm layers to learn.
+    """
     backbone.trainable = fine_tune != "none"
     if fine_tune.isdigit():
         for layer in backbone.layers[: -int(fine_tune)]:
             layer.trainable = False
+    if pretrained:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
