@@ -15,6 +15,7 @@ SPLITS = ("auto", "official", "random")
 POOLINGS = ("flatten", "avg")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
+AUGMENTS = ("none", "cells", "xray")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -54,6 +55,7 @@ CHECKS = {
     "epochs": (lambda v: v > 0, "must be a positive number of epochs"),
     "batch_size": (lambda v: v > 0, "must be a positive batch size, e.g. 32"),
     "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
+    "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -114,6 +116,7 @@ class ModelParams(_Config):
     precision: str = param("auto", "float32, mixed_bfloat16, mixed_float16, or auto (by hardware)")
     feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
+    augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray")
 
 
 @dataclass(frozen=True, kw_only=True)

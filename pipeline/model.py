@@ -1,6 +1,7 @@
 """The studies' classifier: raw RGB -> ResNet50 preprocessing -> ResNet50 -> dense head -> softmax.
 
-The model has three named parts so later steps can reach them: "preprocess" (a fixed 1x1
+The model has three named parts so later steps can reach them (four with augmentation, whose
+"augment" layers come first and act in training only): "preprocess" (a fixed 1x1
 convolution doing ResNet50's caffe preprocessing, RGB->BGR minus the ImageNet mean, so the
 logged model takes raw images and needs no custom code to load), "resnet50" (the backbone) and
 "head" (Flatten or global average pooling -> Dense(units, relu) x hidden_layers -> Dropout ->
@@ -14,6 +15,7 @@ import keras
 import mlflow
 import numpy as np
 
+from pipeline.augment import augmentation
 from pipeline.config import ModelParams, PipelineError, URI_SCHEME
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -23,13 +25,16 @@ def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
     """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune; not compiled:
     compile what is trained (the whole model, or only its head on cached features).
 
-    The backbone computes in cfg.precision; preprocessing and the head stay float32.
+    With cfg.augment the model starts with the "augment" layers (pipeline.augment), which act in
+    fit only. The backbone computes in cfg.precision; augmentation, preprocessing and the head
+    stay float32.
     """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     with dtype_policy(resolve_precision(cfg.precision)):
         backbone = load_backbone(cfg.weights, cfg.image_size)
     set_fine_tune(backbone, cfg.fine_tune, pretrained=cfg.weights != "none")
-    x = preprocess_layer()(inputs)
+    augment = augmentation(cfg.augment, cfg.seed)
+    x = preprocess_layer()(augment(inputs) if augment else inputs)
     # No training=False here: Keras 3 passes fit's training=True down into the nested backbone
     # anyway. BatchNorm's mode follows its trainable flag, which set_fine_tune sets.
     outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(backbone(x))

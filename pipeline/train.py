@@ -68,8 +68,12 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
 
 
 def uses_feature_cache(cfg: TrainConfig) -> bool:
-    """With the backbone frozen its features never change: train the head on cached features."""
-    return cfg.feature_cache == "auto" and cfg.fine_tune == "none"
+    """With the backbone frozen its features never change: train the head on cached features.
+
+    Augmented images change every epoch and cached features cannot follow, so augment != none
+    trains on images, through the frozen backbone: slower, but the augmentation asked for.
+    """
+    return cfg.feature_cache == "auto" and cfg.fine_tune == "none" and cfg.augment == "none"
 
 
 def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig, callbacks=()) -> tuple[dict, float]:
