@@ -16,6 +16,7 @@ POOLINGS = ("flatten", "avg")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
 AUGMENTS = ("none", "cells", "xray")
+CLASS_WEIGHTS = ("none", "balanced")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -56,6 +57,7 @@ CHECKS = {
     "batch_size": (lambda v: v > 0, "must be a positive batch size, e.g. 32"),
     "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
     "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
+    "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -117,6 +119,7 @@ class ModelParams(_Config):
     feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
     augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray")
+    class_weight: str = param("none", "none, or balanced: weigh each class by the inverse of its train-split frequency")
 
 
 @dataclass(frozen=True, kw_only=True)

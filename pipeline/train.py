@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass
 
 import keras
 import mlflow
+import numpy as np
 import tensorflow as tf
 from mlflow.models import infer_signature
+from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
 from pipeline.config import TrainConfig
@@ -41,8 +43,9 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     learning_time_s and learning_time_ms (fit's wall clock); best_epoch, best_val_accuracy and
     best_val_loss of the restored weights; plots/learning_curves.png; the whole image-to-class
     model (name "model") with its signature, an input example, and class_names, image_size,
-    precision and config in its metadata. A frozen backbone trains its head on cached features
-    (see pipeline.features) and also logs the feature_* metrics of _fit_head_on_features.
+    precision and config in its metadata; with class_weight=balanced, class_weights.json (class
+    name -> weight). A frozen backbone trains its head on cached features (see pipeline.features)
+    and also logs the feature_* metrics of _fit_head_on_features.
     callbacks: extra Keras callbacks for fit, e.g. tune's pruning.
     """
     data = prepared.load(cfg.data)
@@ -52,12 +55,15 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
         mlflow.log_input(data.mlflow_dataset("val"), context="validation")
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, len(data.class_names))
+        weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
+        if weights:
+            mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
         if uses_feature_cache(cfg):
-            history, seconds = _fit_head_on_features(model, train_rows, val_rows, cfg, callbacks)
+            history, seconds = _fit_head_on_features(model, train_rows, val_rows, cfg, weights, callbacks)
         else:
             compile_for_training(model, cfg.learning_rate)
             history, seconds = _fit(model, make_dataset(train_rows, cfg.image_size, cfg.batch_size, cfg.seed),
-                                    make_dataset(val_rows, cfg.image_size, cfg.batch_size), cfg, callbacks)
+                                    make_dataset(val_rows, cfg.image_size, cfg.batch_size), cfg, weights, callbacks)
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
         summary = {"best_val_accuracy": history["val_accuracy"][best], "best_val_loss": history["val_loss"][best]}
         mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
@@ -76,16 +82,29 @@ def uses_feature_cache(cfg: TrainConfig) -> bool:
     return cfg.feature_cache == "auto" and cfg.fine_tune == "none" and cfg.augment == "none"
 
 
-def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig, callbacks=()) -> tuple[dict, float]:
+def class_weights(labels, n_classes: int, mode: str) -> dict[int, float] | None:
+    """Per class index, the weight of its examples in the training loss: none gives None (all 1);
+    balanced gives scikit-learn's n_samples / (n_classes * n_samples of the class), from labels
+    (the train split's label_index), so every class weighs as much in total."""
+    if mode == "none":
+        return None
+    classes = np.arange(n_classes)
+    weights = compute_class_weight("balanced", classes=classes, y=np.asarray(labels))
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def _fit(model: keras.Model, train_data, val_data, cfg: TrainConfig, class_weight=None,
+         callbacks=()) -> tuple[dict, float]:
     """Fit with early stopping on val_loss (best weights restored); (history, wall-clock seconds)."""
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
     start = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, callbacks=[stop, _LogEpochs(), *callbacks],
-                        verbose=2, shuffle=False)  # the inputs shuffle themselves, seeded
+    history = model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, class_weight=class_weight,
+                        callbacks=[stop, _LogEpochs(), *callbacks], verbose=2,
+                        shuffle=False)  # the inputs shuffle themselves, seeded
     return history.history, time.perf_counter() - start
 
 
-def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainConfig,
+def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainConfig, class_weight=None,
                           callbacks=()) -> tuple[dict, float]:
     """Train model's head on cached backbone features; model (which shares the head) is then trained.
 
@@ -104,7 +123,7 @@ def _fit_head_on_features(model: keras.Model, train_rows, val_rows, cfg: TrainCo
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (train_rows, val_rows))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
-                FeatureBatches(val_f, y_val, 8 * cfg.batch_size), cfg, callbacks)
+                FeatureBatches(val_f, y_val, 8 * cfg.batch_size), cfg, class_weight, callbacks)
 
 
 class _KerasFlavor:
