@@ -22,8 +22,9 @@ IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
-    """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune; not compiled:
-    compile what is trained (the whole model, or only its head on cached features).
+    """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune (for two-phase
+    training, cfg.finetune_epochs > 0, the backbone starts frozen: phase 2 calls set_fine_tune);
+    not compiled: compile what is trained (the whole model, or only its head on cached features).
 
     With cfg.augment the model starts with the "augment" layers (pipeline.augment), which act in
     fit only. The backbone computes in cfg.precision; augmentation, preprocessing and the head
@@ -32,7 +33,7 @@ def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     with dtype_policy(resolve_precision(cfg.precision)):
         backbone = load_backbone(cfg.weights, cfg.image_size)
-    set_fine_tune(backbone, cfg.fine_tune, pretrained=cfg.weights != "none")
+    set_fine_tune(backbone, "none" if cfg.finetune_epochs else cfg.fine_tune, pretrained=cfg.weights != "none")
     augment = augmentation(cfg.augment, cfg.seed)
     x = preprocess_layer()(augment(inputs) if augment else inputs)
     # No training=False here: Keras 3 passes fit's training=True down into the nested backbone
