@@ -43,7 +43,8 @@ def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, jit_compile="auto") -> None:
-    """Adam and sparse cross-entropy; jit_compile=True (XLA) speeds a head on features up by a third."""
+    """Adam and sparse cross-entropy. jit_compile=True (XLA) speeds a head on features up by a third,
+    but Keras refuses it (and warns) once TensorFlow's op determinism is on, as train turns it."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit_compile)
 

@@ -18,6 +18,7 @@ from pipeline.data import load_images, make_dataset
 from pipeline.features import FeatureBatches, model_features
 from pipeline.model import build_model, compile_for_training, resolve_precision, set_fine_tune
 from pipeline.plots import learning_curves
+from pipeline.reproducibility import make_deterministic, run_tags
 from pipeline.tracking import step_run
 
 MODEL_NAME = "model"
@@ -45,7 +46,9 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     for up to cfg.epochs epochs, then up to finetune_epochs more with cfg.fine_tune's layers
     unfrozen at finetune_learning_rate (see _fine_tune).
 
-    Logs: every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy
+    The same seed and data give the same metrics on a CPU (pipeline.reproducibility).
+    Logs: tags seed, data_digest, version.<package>, version.python and platform; every
+    parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy
     (phase 2's steps continue phase 1's); learning_time_s and learning_time_ms (fit's wall clock,
     both phases); best_epoch, best_val_accuracy and best_val_loss of the restored weights;
     with two phases finetune_start_epoch (the step of phase 2's first epoch) and finetune_time_s;
@@ -61,15 +64,16 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     with step_run("train", cfg, data.name) as run:
         mlflow.log_input(data.mlflow_dataset("train"), context="training")
         mlflow.log_input(data.mlflow_dataset("val"), context="validation")
-        keras.utils.set_random_seed(cfg.seed)
+        mlflow.set_tags(run_tags(cfg.seed, data.digest))
+        make_deterministic(cfg.seed)
         model = build_model(cfg, len(data.class_names))
         weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
         if weights:
             mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
         job = _Job(cfg, train_rows, data.split("val"), weights, tuple(callbacks))
-        fit_head = _fit_head_on_features if uses_feature_cache(cfg) else _fit_on_images
-        history, seconds = fit_head(model, job)
-        phase_2 = len(history["val_loss"]) if cfg.finetune_epochs else None
+        fit = _fit_head_on_features if uses_feature_cache(cfg) else _fit_on_images
+        history, seconds = fit(model, job)
+        phase_2 = len(history["val_loss"]) if cfg.finetune_epochs else None  # its first epoch's step
         if phase_2 is not None:
             history, finetune_s = _fine_tune(model, history, job)
             mlflow.log_metrics({"finetune_start_epoch": phase_2, "finetune_time_s": finetune_s})
@@ -154,7 +158,9 @@ def _fit_head_on_features(model: keras.Model, job: _Job) -> tuple[dict, float]:
                         "feature_cache_hits": train_hit + val_hit,
                         "feature_cache_mb": (train_f.nbytes + val_f.nbytes) / 2**20})
     head = model.get_layer("head")
-    compile_for_training(head, cfg.learning_rate, jit_compile=True)
+    # No XLA (jit_compile=True, a third faster): Keras turns it off under the op determinism that
+    # make_deterministic turns on, and says so in a warning.
+    compile_for_training(head, cfg.learning_rate)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (job.train_rows, job.val_rows))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
