@@ -51,6 +51,7 @@ def test_help_lists_the_steps_without_importing_tensorflow():
     (["main", "--learning-rate", "-1"], "invalid learning_rate=-1.0"),
     (["main", "--split", "sideways"], "invalid split='sideways'"),
     (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
+    (["train", "--data", "runs:/x/data", "--finetune-epochs", "3"], "invalid finetune_epochs=3 with fine_tune='none'"),
     (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
     (["predict", "--model", "models:/x@champion", "--input", "/no/such/folder"], "/no/such/folder does not exist"),
     (["report", "--dataset", "no_such_dataset"], "no experiment 'no_such_dataset'"),
