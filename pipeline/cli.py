@@ -49,7 +49,8 @@ def config_options(cls):
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with one_line_errors():
-        return function(target)(cls(**options))
+        cfg = cls(**options)  # before function(target), whose module may import TensorFlow
+        return function(target)(cfg)
 
 
 def function(target: str):

@@ -15,6 +15,8 @@ SPLITS = ("auto", "official", "random")
 POOLINGS = ("flatten", "avg")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
+AUGMENTS = ("none", "cells", "xray")
+CLASS_WEIGHTS = ("none", "balanced")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -54,6 +56,10 @@ CHECKS = {
     "epochs": (lambda v: v > 0, "must be a positive number of epochs"),
     "batch_size": (lambda v: v > 0, "must be a positive batch size, e.g. 32"),
     "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
+    "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
+    "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
+    "finetune_epochs": (lambda v: v >= 0, "must be 0 (one phase) or a number of epochs for phase 2, e.g. 5"),
+    "finetune_learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -114,6 +120,17 @@ class ModelParams(_Config):
     precision: str = param("auto", "float32, mixed_bfloat16, mixed_float16, or auto (by hardware)")
     feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
+    augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray")
+    class_weight: str = param("none", "none, or balanced: weigh each class by the inverse of its train-split frequency")
+    finetune_epochs: int = param(0, "0: one phase; N: train the head on the frozen backbone for epochs, then "
+                                    "unfreeze fine_tune's layers for up to N more epochs")
+    finetune_learning_rate: float = param(1e-5, "Adam learning rate of phase 2 (finetune_epochs > 0)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.finetune_epochs and self.fine_tune == "none":
+            raise PipelineError(f"invalid finetune_epochs={self.finetune_epochs} with fine_tune='none': phase 2 "
+                                "unfreezes fine_tune's layers; set fine_tune=all or a number of top layers")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """The studies' classifier: raw RGB -> ResNet50 preprocessing -> ResNet50 -> dense head -> softmax.
 
-The model has three named parts so later steps can reach them: "preprocess" (a fixed 1x1
+The model has three named parts so later steps can reach them (four with augmentation, whose
+"augment" layers come first and act in training only): "preprocess" (a fixed 1x1
 convolution doing ResNet50's caffe preprocessing, RGB->BGR minus the ImageNet mean, so the
 logged model takes raw images and needs no custom code to load), "resnet50" (the backbone) and
 "head" (Flatten or global average pooling -> Dense(units, relu) x hidden_layers -> Dropout ->
@@ -14,32 +15,36 @@ import keras
 import mlflow
 import numpy as np
 
+from pipeline.augment import augmentation
 from pipeline.config import ModelParams, PipelineError, URI_SCHEME
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
-    """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune; not compiled:
-    compile what is trained (the whole model, or only its head on cached features).
+    """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune (for two-phase
+    training, cfg.finetune_epochs > 0, the backbone starts frozen: phase 2 calls set_fine_tune);
+    not compiled: compile what is trained (the whole model, or only its head on cached features).
 
-    The backbone computes in cfg.precision; preprocessing and the head stay float32.
+    With cfg.augment the model starts with the "augment" layers (pipeline.augment), which act in
+    fit only. The backbone computes in cfg.precision; augmentation, preprocessing and the head
+    stay float32.
     """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     with dtype_policy(resolve_precision(cfg.precision)):
         backbone = load_backbone(cfg.weights, cfg.image_size)
-    set_fine_tune(backbone, cfg.fine_tune)
-    x = preprocess_layer()(inputs)
-    # A pretrained backbone keeps BatchNorm in inference mode even when unfrozen (Keras guide);
-    # one trained from scratch needs batch statistics to learn at all.
-    from_scratch = cfg.weights == "none" and cfg.fine_tune != "none"
-    x = backbone(x) if from_scratch else backbone(x, training=False)
-    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(x)
+    set_fine_tune(backbone, "none" if cfg.finetune_epochs else cfg.fine_tune, pretrained=cfg.weights != "none")
+    augment = augmentation(cfg.augment, cfg.seed)
+    x = preprocess_layer()(augment(inputs) if augment else inputs)
+    # No training=False here: Keras 3 passes fit's training=True down into the nested backbone
+    # anyway. BatchNorm's mode follows its trainable flag, which set_fine_tune sets.
+    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(backbone(x))
     return keras.Model(inputs, outputs, name="resnet50_classifier")
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, jit_compile="auto") -> None:
-    """Adam and sparse cross-entropy; jit_compile=True (XLA) speeds a head on features up by a third."""
+    """Adam and sparse cross-entropy. jit_compile=True (XLA) speeds a head on features up by a third,
+    but Keras refuses it (and warns) once TensorFlow's op determinism is on, as train turns it."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit_compile)
 
@@ -119,9 +124,21 @@ def _backbone_weights_from(uri: str) -> list:
                             "pass a model URI logged by train, e.g. runs:/<id>/model") from None
 
 
-def set_fine_tune(backbone: keras.Model, fine_tune: str) -> None:
-    """none: frozen; all: every layer trainable; N: only the top N layers trainable."""
+def set_fine_tune(backbone: keras.Model, fine_tune: str, pretrained: bool) -> None:
+    """none: frozen; all: every layer trainable; N: only the top N layers trainable.
+
+    A pretrained backbone's BatchNormalization layers stay frozen whatever fine_tune says, as the
+    Keras transfer-learning guide advises: a frozen BatchNormalization layer runs in inference
+    mode (Keras 3), so small fine-tuning batches neither replace its learnt statistics in the
+    forward pass nor overwrite them. Calling the backbone with training=False does not achieve
+    this inside a functional model (Keras 3.15 hands fit's training=True down to nested layers).
+    A backbone trained from scratch (pretrained=False) needs its BatchNorm layers to learn.
+    """
     backbone.trainable = fine_tune != "none"
     if fine_tune.isdigit():
         for layer in backbone.layers[: -int(fine_tune)]:
             layer.trainable = False
+    if pretrained:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False

@@ -51,6 +51,7 @@ def test_help_lists_the_steps_without_importing_tensorflow():
     (["main", "--learning-rate", "-1"], "invalid learning_rate=-1.0"),
     (["main", "--split", "sideways"], "invalid split='sideways'"),
     (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
+    (["train", "--data", "runs:/x/data", "--finetune-epochs", "3"], "invalid finetune_epochs=3 with fine_tune='none'"),
     (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
     (["predict", "--model", "models:/x@champion", "--input", "/no/such/folder"], "/no/such/folder does not exist"),
     (["report", "--dataset", "no_such_dataset"], "no experiment 'no_such_dataset'"),
@@ -73,7 +74,8 @@ BAD_VALUES = {
     "dataset": "", "split": "x", "val_fraction": 1.0, "test_fraction": 0.0, "max_per_class": -1, "image_size": 16,
     "weights": "/no/such/file.h5", "fine_tune": "-3", "pooling": "max", "units": 0, "hidden_layers": -1,
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
-    "batch_size": 0, "patience": 0, "data": "", "model": "", "input": "", "output": "",
+    "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
+    "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
 }
 
 

@@ -1,0 +1,168 @@
+"""Augmentation, class weights, two-phase fine-tuning and reproducibility, on tiny generated images."""
+
+from dataclasses import replace
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import write_images
+from sklearn.utils.class_weight import compute_class_weight
+
+from pipeline import prepared
+from pipeline.config import ModelParams, PipelineError, PrepareConfig, TrainConfig
+from pipeline.data import load_images
+from pipeline.model import build_model
+from pipeline.prepare import prepare
+from pipeline.train import class_weights, train, uses_feature_cache
+
+TINY = dict(weights="none", image_size=32, epochs=2, batch_size=8, patience=5, learning_rate=1e-3, precision="float32")
+
+
+@pytest.fixture(scope="module")
+def lopsided(tmp_path_factory):
+    """Prepared data with twice as many cats as dogs or owls."""
+    root = tmp_path_factory.mktemp("accuracy") / "lopsided"
+    for label, n in {"cat": 16, "dog": 8, "owl": 8}.items():
+        write_images(root / label, label, n)
+    return prepare(PrepareConfig(dataset=str(root), experiment="accuracy", val_fraction=0.25, test_fraction=0.2))
+
+
+def split(data_uri: str, name: str):
+    return prepared.load(data_uri).split(name)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", ["cells", "xray"])
+def test_augmentation_acts_in_training_only(augment):
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    cfg = ModelParams(weights="none", image_size=32, augment=augment, precision="float32")
+    model, plain = build_model(cfg, 3), build_model(replace(cfg, augment="none"), 3)
+    plain.set_weights(model.get_weights())
+    layers = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    assert layers[:2] == ["augment", "preprocess"] and model.inputs[0].shape == (None, 32, 32, 3)
+    first, second = model.predict(images, verbose=0), model.predict(images, verbose=0)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, plain.predict(images, verbose=0), atol=1e-6)
+    block = model.get_layer("augment")
+    np.testing.assert_array_equal(block(images, training=False), images)
+    assert not np.allclose(block(images, training=True), images)  # it does augment in training
+
+
+def test_balanced_class_weights_match_scikit_learn():
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    assert class_weights(labels, 3, "balanced") == pytest.approx(dict(enumerate(expected)))
+    assert class_weights(labels, 3, "balanced") == pytest.approx({0: 10 / 18, 1: 10 / 9, 2: 10 / 3})
+    assert class_weights(labels, 3, "none") is None
+
+
+def test_finetune_epochs_needs_layers_to_unfreeze():
+    with pytest.raises(PipelineError, match="invalid finetune_epochs=3 with fine_tune='none'") as e:
+        TrainConfig(data="runs:/x/data", finetune_epochs=3)
+    assert "\n" not in str(e.value)
+    assert TrainConfig(data="runs:/x/data", fine_tune="2", finetune_epochs=3).finetune_epochs == 3
+
+
+def test_feature_cache_only_where_features_cannot_change():
+    frozen = TrainConfig(data="runs:/x/data")
+    assert uses_feature_cache(frozen)
+    assert not uses_feature_cache(replace(frozen, augment="cells"))  # augmented images: no cached features
+    assert not uses_feature_cache(replace(frozen, fine_tune="all"))
+    assert not uses_feature_cache(replace(frozen, feature_cache="off"))
+    two_phase = replace(frozen, fine_tune="all", finetune_epochs=2, augment="cells")
+    assert uses_feature_cache(two_phase)  # phase 1 warms the head up on the frozen backbone
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A ResNet50 weights file whose BatchNorm statistics are not the fresh 0 and 1, as after
+    pretraining: (path, {layer name: weights}, layer names in order, names of the BatchNorm layers)."""
+    keras.utils.set_random_seed(1)
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(1)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([gamma, beta, rng.normal(0, 0.1, mean.shape).astype("float32"),
+                               rng.uniform(0.9, 1.1, variance.shape).astype("float32")])
+    path = tmp_path_factory.mktemp("weights") / "pretrained.weights.h5"
+    backbone.save_weights(path)
+    batchnorm = {layer.name for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    weights = {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
+    return str(path), weights, [layer.name for layer in backbone.layers], batchnorm
+
+
+class _BackboneSnapshots(keras.callbacks.Callback):
+    """The backbone's weights after every epoch that trains the whole model (phase 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.taken = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.name == "resnet50_classifier":
+            self.taken.append(_weights_by_layer(self.model.get_layer("resnet50")))
+
+
+def _weights_by_layer(backbone) -> dict:
+    return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in backbone.layers if layer.weights}
+
+
+def _same(a: list, b: list) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
+def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lopsided, pretrained, monkeypatch):
+    path, before, names, batchnorm = pretrained
+    fits, real_fit = [], keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        fits.append((self.name, kwargs.get("initial_epoch"), kwargs.get("class_weight")))
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    cfg = TrainConfig(data=lopsided.data_uri, experiment="accuracy-two-phase", **{**TINY, "epochs": 1, "weights": path},
+                      fine_tune="20", finetune_epochs=2, finetune_learning_rate=1e-3,
+                      augment="cells", class_weight="balanced")
+    snapshots = _BackboneSnapshots()
+    result = train(cfg, callbacks=[snapshots])
+
+    weights = class_weights(split(lopsided.data_uri, "train")["label_index"], 3, "balanced")
+    assert fits == [("head", 0, weights), ("resnet50_classifier", 1, weights)]  # features, then images
+    logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/class_weights.json")
+    assert logged == pytest.approx({"cat": weights[0], "dog": weights[1], "owl": weights[2]}) and logged["cat"] < 1
+    assert [step for step, _ in metric_history(result.run_id, "val_loss")] == [0, 1, 2]
+    assert mlflow.get_run(result.run_id).data.metrics["finetune_start_epoch"] == 1
+
+    top = set(names[-20:])
+    assert len(snapshots.taken) == 2 and len(batchnorm & top) >= 5
+    model = mlflow.keras.load_model(result.model_uri)
+    for after in (*snapshots.taken, _weights_by_layer(model.get_layer("resnet50"))):
+        assert all(_same(after[name], before[name]) for name in batchnorm)
+    trained = {name for name in before if not _same(snapshots.taken[0][name], before[name])}
+    assert trained == {name for name in top if name in before} - batchnorm  # phase 2 trained the rest of the top
+    images = load_images(split(lopsided.data_uri, "test")["path"].iloc[:1], 32)
+    assert model.predict(images, verbose=0).shape == (1, 3)  # the logged model takes raw images
+
+
+@pytest.mark.slow
+def test_one_seed_gives_identical_metrics(lopsided):
+    # fine_tune=5 trains a convolution and a BatchNorm layer from scratch, at a third of all's time.
+    cfg = TrainConfig(data=lopsided.data_uri, experiment="accuracy-seed", **TINY, fine_tune="5", augment="cells",
+                      class_weight="balanced")
+    runs = [train(cfg).run_id, train(cfg).run_id, train(replace(cfg, seed=7)).run_id]
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    first, again, other = ({key: metric_history(run, key) for key in keys} for run in runs)
+    assert first == again and len(first["loss"]) == 2
+    assert first["loss"] != other["loss"]  # the seed does decide them
+    tags = mlflow.get_run(runs[0]).data.tags
+    assert (tags["seed"], tags["data_digest"]) == ("42", lopsided.digest)
+    assert (tags["version.tensorflow"], tags["version.keras"], tags["version.mlflow"]) == (
+        tf.__version__, keras.__version__, mlflow.__version__)
