@@ -49,7 +49,8 @@ def config_options(cls):
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with one_line_errors():
-        return function(target)(cls(**options))
+        cfg = cls(**options)  # first: function() imports the step's module, and with it TensorFlow
+        return function(target)(cfg)
 
 
 def function(target: str):
