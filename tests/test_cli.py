@@ -50,7 +50,7 @@ def test_help_lists_the_steps_without_importing_tensorflow():
 @pytest.mark.parametrize("args, message", [
     (["main", "--learning-rate", "-1"], "invalid learning_rate=-1.0"),
     (["main", "--split", "sideways"], "invalid split='sideways'"),
-    (["grid", "--epochs", "0"], "invalid epochs=0"),  # grid's module imports TensorFlow: the check comes first
+    (["grid", "--epochs", "0"], "invalid epochs=0"),
     (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
     (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
     (["predict", "--model", "models:/x@champion", "--input", "/no/such/folder"], "/no/such/folder does not exist"),
