@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
-                             ReportConfig, TrainConfig)
+                             ReportConfig, TrainConfig, TuneConfig)
 
 # command -> (config class, module:function, one-line help)
 STEPS = {
@@ -26,6 +26,8 @@ STEPS = {
              "prepare, train and evaluate, nested under one run; register the model."),
     "grid": (GridConfig, "pipeline.grid:grid",
              "The studies' seven-point grid: one child run per point."),
+    "tune": (TuneConfig, "pipeline.tune:tune",
+             "Optuna search from the grid's points onwards: one child run per trial, resumable, parallel."),
     "predict": (PredictConfig, "pipeline.predict:predict",
                 "Classify image files with a model; write a CSV."),
     "report": (ReportConfig, "pipeline.report:report",

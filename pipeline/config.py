@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
 AUGMENTS = ("none", "cells", "xray")
 CLASS_WEIGHTS = ("none", "balanced")
+PRUNERS = ("median", "hyperband", "none")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -60,6 +61,11 @@ CHECKS = {
     "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
     "finetune_epochs": (lambda v: v >= 0, "must be 0 (one phase) or a number of epochs for phase 2, e.g. 5"),
     "finetune_learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
+    "n_trials": (lambda v: v > 0, "must be a positive number of trials for the study to reach, e.g. 50"),
+    "timeout": (lambda v: v >= 0, "must be 0 (no limit) or a positive number of seconds"),
+    "workers": (lambda v: v > 0, "must be a positive number of worker processes, e.g. 1"),
+    "storage": (bool, "is required: a sqlite file (optuna.db), a *.journal file or a database URL"),
+    "pruner": (lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -160,6 +166,29 @@ class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
 @dataclass(frozen=True, kw_only=True)
 class GridConfig(MainConfig):
     """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(MainConfig):
+    """main's parameters as the base of every trial, plus the study's own.
+
+    The first trials are the grid's seven points (hidden_layers, units, learning_rate from
+    pipeline.grid.GRID; dropout, batch_size, pooling and fine_tune from this config); later
+    trials sample units, hidden_layers, learning_rate, dropout, batch_size, pooling and, with
+    pretrained weights, fine_tune. So units, hidden_layers and learning_rate here are unused.
+    """
+    n_trials: int = param(50, "finished (complete or pruned) trials the study should have, earlier runs included")
+    timeout: int = param(0, "seconds after which a worker starts no new trial; 0: no limit")
+    workers: int = param(1, "local worker processes sharing the study (more than 1: prefer a *.journal storage)")
+    storage: str = param("optuna.db", "Optuna storage: a sqlite file, a *.journal file, or a database URL")
+    study_name: str = param("", "Optuna study; default: <dataset>-<digest of the settings>, so a rerun resumes it")
+    pruner: str = param("median", "stops poor trials early: median (of earlier trials, same epoch), hyperband, none")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weights == "none" and self.fine_tune != "none":
+            raise PipelineError(f"invalid fine_tune={self.fine_tune!r} with weights=none: tune unfreezes only a "
+                                "pretrained backbone; use fine_tune=none, or pretrained weights")
 
 
 @dataclass(frozen=True, kw_only=True)

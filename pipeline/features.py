@@ -6,7 +6,8 @@ float16 as a .npy file that is memory-mapped, never loaded whole. An entry's key
 of the rows (their files' sha1 in order), the backbone's weights (a digest of the weights
 themselves, so any change of weights or seed misses), the image size and the precision; a
 changed input therefore never meets a stale entry. meta.json is written last and records the
-file's size, so a truncated or half-written entry is detected and rebuilt.
+file's size, so a truncated or half-written entry is detected and rebuilt. Writes go to files
+named for the writing process and are renamed into place, so concurrent workers can share it.
 """
 
 import functools
@@ -14,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 import keras
@@ -60,8 +62,7 @@ def cached_features(rows: pd.DataFrame, extractor: keras.Model, key: str, cache_
     features = _load(folder)
     if features is not None and len(features) == len(rows):
         return features, True
-    _extract(rows, extractor, folder, batch_size)
-    return _load(folder), False
+    return _extract(rows, extractor, folder, batch_size), False
 
 
 def _load(folder: Path):
@@ -84,12 +85,17 @@ def _mapped(path: str, inode: int, size: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_size: int) -> None:
-    """Write the features of rows to folder, batch by batch, with a progress bar; meta.json last."""
+def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_size: int) -> np.ndarray:
+    """Write the features of rows to folder, batch by batch, with a progress bar; meta.json last.
+
+    Several processes (tune's workers) may extract the same entry at once: each writes files of
+    its own (name with its pid) and renames them into place, so a reader sees a whole entry or
+    none, and the last writer's identical files win. Returns the entry's memmap.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)
     shape = (len(rows), *extractor.output.shape[1:])
-    partial = folder / "features.partial.npy"
+    own = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = folder / f"features.{own}.partial.npy"
     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
     batches = make_dataset(rows.assign(label_index=0), extractor.input.shape[1], batch_size)
     progress = keras.utils.Progbar(math.ceil(len(rows) / batch_size), unit_name="batch")
@@ -101,9 +107,11 @@ def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_siz
         progress.add(1)
     out.flush()
     del out
+    meta = {"shape": list(shape), "bytes": partial.stat().st_size, "rows": len(rows)}
     os.replace(partial, folder / "features.npy")
-    size = (folder / "features.npy").stat().st_size
-    (folder / "meta.json").write_text(json.dumps({"shape": list(shape), "bytes": size, "rows": len(rows)}))
+    (folder / f"meta.{own}.json").write_text(json.dumps(meta))
+    os.replace(folder / f"meta.{own}.json", folder / "meta.json")
+    return _load(folder)  # this process's file, or another writer's identical one
 
 
 class FeatureBatches(keras.utils.PyDataset):

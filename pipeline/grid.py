@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import keras
 import mlflow
 import pandas as pd
 
@@ -80,6 +79,8 @@ def grid(cfg: GridConfig) -> GridResult:
 
 def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dict:
     """Train and evaluate one point in a child run, or reuse its finished run."""
+    import keras
+
     from pipeline.evaluate import evaluate
     from pipeline.train import train
 

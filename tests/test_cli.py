@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline import cli as cli_module
-from pipeline.config import CHECKS, MainConfig, PipelineError, PredictConfig, TrainConfig
+from pipeline.config import CHECKS, MainConfig, PipelineError, PredictConfig, TrainConfig, TuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
@@ -50,6 +50,7 @@ def test_help_lists_the_steps_without_importing_tensorflow():
 @pytest.mark.parametrize("args, message", [
     (["main", "--learning-rate", "-1"], "invalid learning_rate=-1.0"),
     (["main", "--split", "sideways"], "invalid split='sideways'"),
+    (["grid", "--epochs", "0"], "invalid epochs=0"),
     (["train", "--data", "runs:/x/data", "--fine-tune", "some"], "invalid fine_tune='some'"),
     (["train", "--data", "runs:/x/data", "--finetune-epochs", "3"], "invalid finetune_epochs=3 with fine_tune='none'"),
     (["main", "--dataset", "/no/such/folder", "--weights", "none"], "neither a preset"),
@@ -76,7 +77,9 @@ BAD_VALUES = {
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
     "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
+    "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes",
 }
+TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner")
 
 
 def test_every_check_has_a_bad_value():
@@ -85,7 +88,7 @@ def test_every_check_has_a_bad_value():
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
 def test_config_rejects_bad_value_in_one_line(name):
-    cls = TrainConfig if name == "data" else MainConfig
+    cls = TrainConfig if name == "data" else TuneConfig if name in TUNE_ONLY else MainConfig
     kwargs = {"data": "runs:/x/data"} if cls is TrainConfig else {}
     if name == "model":
         from pipeline.config import EvaluateConfig as cls

@@ -63,6 +63,31 @@ def test_truncated_cache_file_is_rebuilt(rows, tmp_path):
     assert not hit and np.array_equal(np.array(rebuilt), expected)
 
 
+def test_concurrent_extractions_of_one_entry_leave_it_whole(rows, tmp_path, monkeypatch):
+    """Two tune workers extract one entry at once (here the second runs whole while the first is
+    half-way): both get the features, and one valid entry remains, without temporary files."""
+    import keras
+
+    model = tiny_model()
+    real_add, started, nested = keras.utils.Progbar.add, [], []
+
+    def add_while_another_extracts(self, *args, **kwargs):
+        if not started:
+            started.append(True)
+            nested.append(model_features(model, rows, "float32", str(tmp_path)))
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.utils.Progbar, "add", add_while_another_extracts)
+    first, hit = model_features(model, rows, "float32", str(tmp_path))
+    [(second, second_hit)] = nested
+    assert not hit and not second_hit and np.array_equal(first, second)
+    [entry] = list(tmp_path.iterdir())
+    assert sorted(p.name for p in entry.iterdir()) == ["features.npy", "meta.json"]
+    monkeypatch.undo()
+    again, hit = model_features(model, rows, "float32", str(tmp_path))
+    assert hit and np.array_equal(again, first)
+
+
 def test_feature_batches_shuffle_per_epoch_and_keep_pairs():
     features = np.arange(10, dtype=np.float16)[:, None]
     labels = np.arange(10)

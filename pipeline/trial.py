@@ -1,0 +1,136 @@
+"""One trial of tune, in a process of its own: train the suggested config in a child run of the
+tune run, report each epoch to Optuna, stop when pruned, record the process's memory.
+
+A fresh process per trial keeps a worker's memory flat however many trials it runs: Keras,
+TensorFlow (traced functions, XLA clusters) and MLflow each keep a little of every model, and
+clearing the Keras session does not give all of it back. The price is the interpreter's start.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import keras
+import mlflow
+import optuna
+
+from pipeline.config import TrainConfig
+from pipeline.study import Job, counted, die_with_parent, open_study, print_trial, suggest, worker_id
+
+
+def run_trial(job: Job, worker: str, index: int) -> None:
+    """Process entry point: run one trial of the study unless it has job.cfg.n_trials already
+    (finished or running, other workers' included: counted just before asking, to overshoot
+    as little as possible). worker: the worker process (host:pid) that started this one."""
+    die_with_parent()
+    os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent, not this trial's run
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # print_trial reports the trial instead
+    study = open_study(job.cfg, job.study_name, worker=index, pruner=job.pruner)
+    if counted(study) < job.cfg.n_trials:
+        study.optimize(Objective(job, worker), n_trials=1, callbacks=[print_trial])
+
+
+class Objective:
+    """Train the trial's config in a child run of the tune run; return its best_val_accuracy."""
+
+    def __init__(self, job: Job, worker: str):
+        self.job, self.worker = job, worker
+        self.base = job.cfg.to(TrainConfig, data=job.data_uri, experiment=job.experiment)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from pipeline.train import train
+
+        # First of all: a trial whose process is gone is then recognised (pipeline.study.is_dead).
+        trial.set_user_attr("process", worker_id())
+        trial.set_user_attr("worker", self.worker)
+        point = suggest(trial, self.base, self.job.cfg.weights)
+        report = ReportEpochs(trial)
+        try:
+            with tag_new_runs(self._tags(trial)):
+                result = train(point, callbacks=[report])
+        except optuna.TrialPruned:
+            end_run(report.run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
+            raise
+        except BaseException:
+            end_run(report.run_id, "FAIL", "FAILED")
+            raise
+        finally:
+            record_memory(trial, report.run_id)
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("model_uri", result.model_uri)
+        end_run(result.run_id, "COMPLETE")
+        return result.best_val_accuracy
+
+    def _tags(self, trial: optuna.Trial) -> dict:
+        tags = {"optuna_study": self.job.study_name, "optuna_trial": str(trial.number), "optuna_state": "RUNNING",
+                "optuna_process": worker_id(), "optuna_worker": self.worker,
+                "mlflow.parentRunId": self.job.parent_run_id}
+        if "grid_point" in trial.user_attrs:
+            tags["grid_point"] = str(trial.user_attrs["grid_point"])
+        return tags
+
+
+class ReportEpochs(keras.callbacks.Callback):
+    """Reports each epoch's val_accuracy to the trial and raises TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial):
+        super().__init__()
+        self.trial, self.run_id, self.reported = trial, None, []
+
+    def on_train_begin(self, logs=None):
+        self.run_id = mlflow.active_run().info.run_id
+        mlflow.set_tag("mlflow.runName", f"trial-{self.trial.number}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trial.report(float(logs["val_accuracy"]), epoch)
+        self.reported.append(epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+
+@contextmanager
+def tag_new_runs(tags: dict):
+    """Runs started inside carry tags from their first moment (MLflow's MLFLOW_RUN_CONTEXT): the
+    trial's run (made by train) names its trial, process and parent even if the process dies."""
+    before = os.environ.get("MLFLOW_RUN_CONTEXT")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(tags)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_RUN_CONTEXT", None)
+        else:
+            os.environ["MLFLOW_RUN_CONTEXT"] = before
+
+
+def end_run(run_id: str | None, state: str, status: str | None = None, **tags) -> None:
+    """Tag a trial's run with its Optuna state and set its status if train did not: a pruned
+    trial was stopped on purpose, before the end: KILLED, not FAILED."""
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient()
+    for key, value in {"optuna_state": state, **tags}.items():
+        client.set_tag(run_id, key, value)
+    if status:
+        client.set_terminated(run_id, status)
+
+
+def record_memory(trial: optuna.Trial, run_id: str | None) -> None:
+    """The process's memory after the trial, as trial user attrs and run metrics: rss_mb (resident
+    now, the Keras session cleared) and peak_rss_mb (its high-water mark: the trial's peak)."""
+    keras.backend.clear_session(free_memory=True)
+    memory = rss_mb()
+    for key, value in memory.items():
+        trial.set_user_attr(key, value)
+        if run_id:
+            mlflow.MlflowClient().log_metric(run_id, key, value)
+
+
+def rss_mb() -> dict[str, float]:
+    """{"rss_mb": ..., "peak_rss_mb": ...} of this process from /proc/self/status; {} elsewhere."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}

@@ -1,0 +1,228 @@
+"""tune: the grid's points first, pruned and complete trials as child runs, resuming after kill -9,
+two workers on one journal study, dead trials recognised, one-line errors."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from conftest import make_dataset
+from optuna.trial import TrialState
+
+from pipeline.config import PipelineError, TrainConfig, TuneConfig
+from pipeline.study import (enqueue_grid, fail_dead_trials, grid_params, is_dead, open_storage, open_study, suggest,
+                            worker_id)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 5, "val_fraction": 0.25,
+        "test_fraction": 0.25}
+
+
+def tiny_config(root: Path, storage: Path, **overrides) -> TuneConfig:
+    return TuneConfig(dataset=str(root), storage=str(storage), **{**TINY, **overrides})
+
+
+def cli_args(cfg: TuneConfig) -> list[str]:
+    names = ("dataset", "storage", "n_trials", "pruner", *TINY)
+    return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
+
+
+def trials_of(cfg: TuneConfig, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials but the grid points still waiting for a run with a larger n_trials."""
+    trials = optuna.load_study(study_name=name, storage=open_storage(cfg.storage)).get_trials()
+    return [t for t in trials if t.state != TrialState.WAITING]
+
+
+def children(parent_run_id: str, experiment: str) -> pd.DataFrame:
+    return mlflow.search_runs(experiment_names=[experiment],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.step = 'train'")
+
+
+class PruneOdd(optuna.pruners.BasePruner):
+    """Prunes every odd-numbered trial after its first epoch: pruning without luck."""
+
+    def prune(self, study, trial):
+        return trial.number % 2 == 1
+
+
+def test_grid_points_are_queued_once_and_again_after_a_failure(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "optuna.db", dropout=0.3)
+    study = open_study(cfg, "queue")
+    assert enqueue_grid(study, cfg) == 7 and enqueue_grid(study, cfg) == 0
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == grid_params(cfg)
+    assert grid_params(cfg)[4] == {"units": 8, "hidden_layers": 3, "learning_rate": 1e-5, "dropout": 0.3,
+                                   "batch_size": 8, "pooling": "flatten"}  # weights=none: fine_tune not searched
+    first = study.ask()
+    study.tell(first, state=TrialState.FAIL)
+    assert enqueue_grid(study, cfg) == 1
+    assert study.get_trials(states=(TrialState.WAITING,))[-1].user_attrs["grid_point"] == 1
+
+
+def test_after_the_grid_points_tpe_searches_beyond_them(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "optuna.db")
+    study = open_study(cfg, "beyond")
+    enqueue_grid(study, cfg)
+    base = cfg.to(TrainConfig, data="runs:/x/data")
+    for value in (0.3, 0.4, 0.5, 0.4, 0.3, 0.6, 0.7, 0.5, 0.6):
+        trial = study.ask()
+        suggest(trial, base, cfg.weights)
+        study.tell(trial, value)
+    trials = study.get_trials()
+    assert [t.params for t in trials[:7]] == grid_params(cfg)
+    assert [t.user_attrs.get("grid_point") for t in trials] == [1, 2, 3, 4, 5, 6, 7, None, None]
+    assert not any(t.params in grid_params(cfg) for t in trials[7:])
+
+
+def test_search_space_and_fine_tune_only_with_pretrained_weights():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    study = optuna.create_study(direction="maximize")
+    base = TrainConfig(data="runs:/x/data", weights="none", batch_size=24)
+    random_backbone, pretrained = study.ask(), study.ask()
+    assert suggest(random_backbone, base, "none").fine_tune == "none" and "fine_tune" not in random_backbone.params
+    point = suggest(pretrained, base, "imagenet")
+    assert pretrained.distributions == {
+        "units": IntDistribution(4, 512, log=True), "hidden_layers": IntDistribution(1, 3),
+        "learning_rate": FloatDistribution(1e-6, 1e-2, log=True), "dropout": FloatDistribution(0.0, 0.7),
+        "batch_size": CategoricalDistribution((8, 16, 24, 32, 64)),
+        "pooling": CategoricalDistribution(("flatten", "avg")),
+        "fine_tune": CategoricalDistribution(("none", "10", "32", "all"))}
+    assert point == replace(base, **pretrained.params)
+
+
+def test_only_trials_of_dead_processes_of_this_host_are_failed(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study = open_study(tiny_config(tmp_path, tmp_path / "optuna.db"), "dead")
+    workers = [f"{socket.gethostname()}:{gone.stdout.strip()}", worker_id(), "another-host:1"]
+    for worker in workers:
+        study.ask().set_user_attr("process", worker)
+    assert fail_dead_trials(study) == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+
+
+def test_storage_forms(tmp_path):
+    assert isinstance(open_storage(str(tmp_path / "s.journal")), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "s.db")), optuna.storages.RDBStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path}/u.db"), optuna.storages.RDBStorage)
+    with pytest.raises(PipelineError, match="cannot open the Optuna storage 'nosuch://x'") as e:
+        open_storage("nosuch://x")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-trials", "0"], "invalid n_trials=0"),
+    (["--workers", "0"], "invalid workers=0"),
+    (["--pruner", "sometimes"], "invalid pruner='sometimes': must be one of median, hyperband, none"),
+    (["--weights", "none", "--fine-tune", "all"], "invalid fine_tune='all' with weights=none"),
+])
+def test_bad_parameter_is_one_line(args, message):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "tune", *args], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stderr.strip().splitlines() if " INFO mlflow." not in line]
+    assert out.returncode != 0 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("Error: ") and message in lines[0]
+
+
+@pytest.mark.slow
+def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_path, capfd):
+    from pipeline.tune import tune
+
+    cfg = tiny_config(make_dataset(tmp_path / "tuneshapes", n=8), tmp_path / "optuna.db", n_trials=4)
+    result = tune(cfg, pruner=PruneOdd())
+
+    trials = trials_of(cfg, result.study_name)
+    assert [t.params for t in trials] == grid_params(cfg)[:4]
+    waiting = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg.storage)).get_trials(
+        states=(TrialState.WAITING,))
+    assert [t.user_attrs["grid_point"] for t in waiting] == [5, 6, 7]  # queued for a later, larger run
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED] * 2
+    assert (result.n_complete, result.n_pruned) == (2, 2)
+    runs = children(result.run_id, "tuneshapes").set_index("tags.optuna_trial").sort_index()
+    assert list(runs.index) == [str(n) for n in range(4)]
+    assert list(runs["tags.optuna_state"]) == ["COMPLETE", "PRUNED"] * 2
+    assert list(runs["status"]) == ["FINISHED", "KILLED"] * 2
+    assert list(runs["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
+    assert runs["metrics.rss_mb"].gt(100).all() and runs["metrics.peak_rss_mb"].ge(runs["metrics.rss_mb"]).all()
+    client = mlflow.MlflowClient()
+    epochs = [len(client.get_metric_history(run_id, "val_accuracy")) for run_id in runs["run_id"]]
+    assert epochs == [2, 1] * 2  # a pruned trial stops after its first epoch and logs no model
+    assert runs.loc[runs["tags.optuna_state"] == "PRUNED", "metrics.best_val_accuracy"].isna().all()
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value)
+    assert (result.best_trial, result.best_value, result.best_params) == (best.number, best.value, best.params)
+    evaluated = runs[runs["metrics.test_accuracy"].notna()]
+    assert list(evaluated.index) == [str(best.number)]  # the test split is read once, for the best trial
+    parent = mlflow.get_run(result.run_id).data
+    assert parent.metrics["best_val_accuracy"] == best.value and parent.tags["best.units"] == str(best.params["units"])
+    assert parent.metrics["test_accuracy"] == result.test_accuracy == evaluated["metrics.test_accuracy"].item()
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
+        a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"tune_trials.csv", "best_params.json", "plots/optimization_history.png",
+            "plots/parallel_coordinate.png", "plots/param_importances.png"} <= artifacts
+    [version] = client.search_model_versions("name = 'tuneshapes-resnet50'")
+    assert version.tags["source_run_id"] == runs.loc[str(best.number), "run_id"]
+    out = capfd.readouterr().out  # trials print from processes of their own
+    assert "trial   0 COMPLETE value=" in out and " (pruned after epoch 0) params: units=16, " in out
+
+
+@pytest.mark.slow
+def test_tune_resumes_after_kill_9(tmp_path, capsys):
+    from pipeline.tune import tune
+
+    cfg = tiny_config(make_dataset(tmp_path / "killshapes", n=8), tmp_path / "optuna.db", n_trials=2, pruner="none")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's pipeline, whatever is installed
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *cli_args(cfg)], stdout=log, stderr=log,
+                                 env=env)
+    second_trial = "tags.optuna_trial = '1' and attributes.status = 'RUNNING'"
+    deadline = time.time() + 180
+    while first.poll() is None and time.time() < deadline:
+        running = mlflow.search_runs(experiment_names=["killshapes"], filter_string=second_trial)
+        if len(running):
+            break
+        time.sleep(0.5)
+    assert first.poll() is None and len(running), (tmp_path / "first.log").read_text()[-3000:]
+    first.kill()  # SIGKILL: no clean-up at all
+    first.wait()
+    [killed_run] = running["run_id"]
+    [interrupted] = mlflow.search_runs(experiment_names=["killshapes"], filter_string="tags.step = 'tune'")["run_id"]
+
+    result = tune(cfg)
+    trials = trials_of(cfg, result.study_name)
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["worker"] == f"{socket.gethostname()}:{first.pid}"
+    assert is_dead(trials[1].user_attrs["process"])  # its trial process died with the worker
+    assert trials[2].params == grid_params(cfg)[2]
+    waiting = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg.storage)).get_trials(
+        states=(TrialState.WAITING,))
+    assert [t.user_attrs["grid_point"] for t in waiting] == [4, 5, 6, 7, 2]  # the dead grid point is queued again
+    assert result.run_id == interrupted
+    killed = mlflow.get_run(killed_run)
+    assert killed.info.status == "FAILED" and killed.data.tags["optuna_state"] == "FAIL"
+    assert mlflow.search_runs(experiment_names=["killshapes"], filter_string="attributes.status = 'RUNNING'").empty
+    out = capsys.readouterr().out
+    assert "trial 1: its process is gone, marked FAIL" in out and "continuing the interrupted tune run" in out
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_study(tmp_path):
+    from pipeline.tune import tune
+
+    cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=4,
+                      pruner="none", workers=2)
+    result = tune(cfg)
+    trials = trials_of(cfg, result.study_name)
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    runs = children(result.run_id, "workshapes")
+    assert sorted(runs["tags.optuna_trial"].astype(int)) == [0, 1, 2, 3] and (runs["status"] == "FINISHED").all()
+    assert runs["tags.optuna_worker"].nunique() == 2
