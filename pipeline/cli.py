@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.config import (EvaluateConfig, GridConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
+from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
                              ReportConfig, TrainConfig, TuneConfig)
 
 # command -> (config class, module:function, one-line help)
@@ -30,6 +30,8 @@ STEPS = {
              "Optuna search from the grid's points onwards: one child run per trial, resumable, parallel."),
     "predict": (PredictConfig, "pipeline.predict:predict",
                 "Classify image files with a model; write a CSV."),
+    "log-model": (LogModelConfig, "pipeline.train:log_trained_model_of",
+                  "Build and log the whole model of a grid point or trial run that has none."),
     "report": (ReportConfig, "pipeline.report:report",
                "Write a Markdown report of a dataset's runs and champion."),
 }

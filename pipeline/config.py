@@ -18,6 +18,8 @@ FEATURE_CACHE = ("auto", "off")
 AUGMENTS = ("none", "cells", "xray")
 CLASS_WEIGHTS = ("none", "balanced")
 PRUNERS = ("median", "hyperband", "none")
+ENGINES = ("auto", "openvino", "tensorflow")
+LOG_MODELS = ("best", "all")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -27,6 +29,11 @@ class PipelineError(Exception):
 
 def param(default=dataclasses.MISSING, help=""):
     return field(default=default, metadata={"help": help})
+
+
+def engine_param():
+    return param("auto", "runs the frozen backbone and inference: openvino, tensorflow, or auto (OpenVINO on a "
+                         "CPU where it is installed, else TensorFlow)")
 
 
 def _fine_tune_ok(v):
@@ -66,6 +73,9 @@ CHECKS = {
     "workers": (lambda v: v > 0, "must be a positive number of worker processes, e.g. 1"),
     "storage": (bool, "is required: a sqlite file (optuna.db), a *.journal file or a database URL"),
     "pruner": (lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
+    "engine": (lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
+    "log_models": (lambda v: v in LOG_MODELS, "must be best (a full model for the search's best run only) or all"),
+    "run": (bool, "is required: the id of a train, grid point or trial run"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -124,6 +134,7 @@ class ModelParams(_Config):
     patience: int = param(3, "epochs without a lower val_loss before early stopping")
     seed: int = param(42, "seed for splitting, sampling, initialisation and shuffling")
     precision: str = param("auto", "float32, mixed_bfloat16, mixed_float16, or auto (by hardware)")
+    engine: str = engine_param()
     feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
     augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray")
@@ -156,6 +167,19 @@ class EvaluateConfig(_Experiment):
     batch_size: int = param(32, "images per batch")
     feature_cache: str = param("auto", "auto: score a frozen-backbone model on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
+    engine: str = engine_param()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogModelConfig(_Config):
+    run: str = param(help="id of a train, grid point or trial run whose full model was not logged")
+    cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Search(_Config):
+    log_models: str = param("best", "best: a full, servable model for the best point or trial only (the others "
+                                    "keep params, metrics and curves; `log-model --run ID` builds one later); all")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,12 +188,12 @@ class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GridConfig(MainConfig):
+class GridConfig(_Search, MainConfig):
     """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneConfig(MainConfig):
+class TuneConfig(_Search, MainConfig):
     """main's parameters as the base of every trial, plus the study's own.
 
     The first trials are the grid's seven points (hidden_layers, units, learning_rate from
@@ -197,6 +221,7 @@ class PredictConfig(_Config):
     input: str = param(help="a folder of images (searched recursively) or one image file")
     output: str = param("predictions.csv", "CSV to write: path, predicted, confidence, p_<class>, error")
     batch_size: int = param(32, "images per batch")
+    engine: str = engine_param()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,7 @@
 
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -11,9 +11,12 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from pipeline import prepared
+from pipeline.card import ModelCard, load_model
 from pipeline.config import EvaluateConfig, PipelineError
 from pipeline.data import make_dataset
-from pipeline.features import FeatureBatches, model_features
+from pipeline.engine import compile_model, resolve_engine
+from pipeline.features import Backbone, FeatureBatches, split_features
+from pipeline.model import builder_of, resolve_precision
 from pipeline.plots import confusion_matrix
 from pipeline.tracking import step_run
 
@@ -52,51 +55,88 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
 
 
 def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
-    """Score cfg.model on the test split of cfg.data, in a run of its own or in the run run_id.
+    """Score the logged model cfg.model on the test split of cfg.data, in a run of its own or in
+    the run run_id. A frozen-backbone model runs its head on the cached features of the test
+    images (pipeline.features); any other model runs whole on cfg.engine (pipeline.engine).
 
     Logs: the metrics of compute_metrics; confusion_matrix.csv and plots/confusion_matrix.png;
     predictions.csv (path, label, predicted, one probability column per class). The summary
     metrics also go onto the run that logged the model.
     """
     data = prepared.load(cfg.data)
-    test = data.split("test")
-    if test.empty:
-        raise PipelineError(f"the prepared data at {cfg.data!r} has no test split")
-    model, info = load_model(cfg.model)
-    if info.metadata["class_names"] != data.class_names:
-        raise PipelineError(f"model classes {info.metadata['class_names']} differ from the data's "
-                            f"{data.class_names}: evaluate the model on the dataset it was trained on")
+    test = _test_rows(data, cfg.data)
+    model, card, source_run = load_model(cfg.model)
+    if card.class_names != data.class_names:
+        raise PipelineError(f"model classes {card.class_names} differ from the data's {data.class_names}: "
+                            "evaluate the model on the dataset it was trained on")
     with step_run("evaluate", cfg, data.name, run_id=run_id) as run:
-        mlflow.log_input(data.mlflow_dataset("test"), context="test")
-        probs = _predict(model, info.metadata, test, cfg)
-        scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
-        mlflow.log_metrics(scores)
-        mlflow.set_tags({"model_uri": cfg.model, "source_run_id": info.run_id or ""})
-        _log_tables(cm, test, probs, data.class_names)
-    if info.run_id and info.run_id != run.info.run_id:
+        probs = _model_probabilities(model, card, test, cfg)
+        scores = _log_scores(data, test, probs)
+        mlflow.set_tags({"model_uri": cfg.model, "source_run_id": source_run or ""})
+    if source_run and source_run != run.info.run_id:
+        client = mlflow.MlflowClient()
         for key in SUMMARY:
             if key in scores:
-                mlflow.tracking.MlflowClient().log_metric(info.run_id, key, scores[key])
-    print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores))
+                client.log_metric(source_run, key, scores[key])
     return EvaluateResult(run.info.run_id, scores)
 
 
-def _predict(model, metadata: dict, rows: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
-    """Class probabilities for rows; a frozen-backbone model runs its head on cached features."""
-    if cfg.feature_cache == "auto" and metadata.get("config", {}).get("fine_tune") == "none":
-        features, _ = model_features(model, rows, metadata["precision"], cfg.cache_dir, cfg.batch_size)
-        labels = rows["label_index"].to_numpy("int32")
-        return model.get_layer("head").predict(FeatureBatches(features, labels, cfg.batch_size), verbose=0)
-    return model.predict(make_dataset(rows, metadata["image_size"], cfg.batch_size), verbose=0)
+def evaluate_trained(trained, run_id: str) -> EvaluateResult:
+    """Score a model just trained (pipeline.train.Trained) on the test split of its data, into
+    the run run_id (its train run): a head on the cached test features, nothing read back from
+    the store. Logs as evaluate does."""
+    data, cfg = trained.data, trained.cfg
+    test = _test_rows(data, cfg.data)
+    with step_run("evaluate", cfg, data.name, run_id=run_id):
+        if trained.is_head:
+            features = split_features(trained.backbone, test, cfg.cache_dir, cfg.batch_size)
+            probs = _head_probabilities(trained.model, features, cfg.batch_size)
+        else:
+            probs = _run_whole(trained.model, asdict(cfg), len(data.class_names), test, cfg.engine, cfg.batch_size)
+        scores = _log_scores(data, test, probs)
+    return EvaluateResult(run_id, scores)
 
 
-def load_model(uri: str):
-    """(Keras model, mlflow ModelInfo with the metadata) of a model logged by train, or a one-line error."""
-    try:
-        return mlflow.keras.load_model(uri), mlflow.models.get_model_info(uri)
-    except Exception as e:
-        raise PipelineError(f"cannot load model {uri!r} ({type(e).__name__}): pass a model URI logged by "
-                            "train, e.g. runs:/<id>/model or models:/<name>@champion") from None
+def _test_rows(data: prepared.PreparedData, uri: str) -> pd.DataFrame:
+    test = data.split("test")
+    if test.empty:
+        raise PipelineError(f"the prepared data at {uri!r} has no test split")
+    return test
+
+
+def _log_scores(data: prepared.PreparedData, test: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
+    """Log the test metrics, tables and figure of probs into the active run; print the summary."""
+    mlflow.log_input(data.mlflow_dataset("test"), context="test")
+    scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
+    mlflow.log_metrics(scores)
+    _log_tables(cm, test, probs, data.class_names)
+    print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores))
+    return scores
+
+
+def _model_probabilities(model, card: ModelCard, rows: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
+    """Class probabilities for rows; a frozen-backbone model runs its head on cached features of
+    the same backbone (checked by its weights' digest), any other model runs whole on cfg.engine."""
+    if cfg.feature_cache == "auto" and card.frozen_backbone:
+        backbone = Backbone(card.config["weights"], card.image_size, card.config["seed"], resolve_engine(cfg.engine),
+                            card.precision)
+        features = split_features(backbone, rows, cfg.cache_dir, cfg.batch_size)
+        if features.backbone_digest == card.backbone_digest:
+            return _head_probabilities(model.get_layer("head"), features, cfg.batch_size)
+    return _run_whole(model, card.config, len(card.class_names), rows, cfg.engine, cfg.batch_size)
+
+
+def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
+    labels = np.zeros(len(features.array), "int32")
+    return head.predict(FeatureBatches(features.array, labels, 8 * batch_size), verbose=0)
+
+
+def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int) -> np.ndarray:
+    """Probabilities of the whole image-to-class model over rows' images, on engine."""
+    build = builder_of(model, config, n_classes)
+    runner = compile_model(build, resolve_engine(engine), resolve_precision(config.get("precision", "auto")))
+    batches = (images.numpy() for images, _ in make_dataset(rows, config["image_size"], batch_size))
+    return runner.run(batches, np.empty((len(rows), n_classes), np.float32))
 
 
 def _log_tables(cm: pd.DataFrame, test: pd.DataFrame, probs: np.ndarray, class_names: list[str]) -> None:

@@ -1,29 +1,41 @@
 """Frozen-backbone feature cache: run ResNet50 over a split once, train heads on the result.
 
 With the backbone frozen, its output for an image never changes, so every epoch, grid point and
-trial can train the small head on stored features instead of images. Features are stored in
-float16 as a .npy file that is memory-mapped, never loaded whole. An entry's key is the content
-of the rows (their files' sha1 in order), the backbone's weights (a digest of the weights
-themselves, so any change of weights or seed misses), the image size and the precision; a
-changed input therefore never meets a stale entry. meta.json is written last and records the
-file's size, so a truncated or half-written entry is detected and rebuilt. Writes go to files
-named for the writing process and are renamed into place, so concurrent workers can share it.
+trial can train the small head on stored features instead of images. Features are computed by
+the engine of pipeline.engine (OpenVINO on CPUs), checked against TensorFlow float32 on a few
+images, and stored in float16 as a .npy file that is memory-mapped, never loaded whole.
+
+An entry's key is the content of the rows (their files' sha1 in order), what the backbone's
+weights are (pipeline.model.backbone_identity), the image size, the engine and the precision: a
+changed input never meets a stale entry. meta.json, written last, records the file's size, an
+Adler-32 checksum of its bytes and the digest of the backbone's weight values; an entry whose
+file is truncated, damaged or overwritten is rebuilt (with a note). The file is allocated whole
+before it is written, so a full disk is one line, not a crash. Writes go to files named for the
+writing process and are renamed into place, so concurrent workers can share an entry.
 """
 
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import time
 import uuid
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
+from pipeline import engine as engines
+from pipeline.config import ModelParams, PipelineError
 from pipeline.data import make_dataset
-from pipeline.model import feature_extractor
+from pipeline.model import backbone_identity, feature_model, resolve_precision
+
+CHECK_IMAGES = 4  # images per extraction checked against TensorFlow float32
 
 
 def cache_folder(cache_dir: str = "") -> Path:
@@ -32,12 +44,42 @@ def cache_folder(cache_dir: str = "") -> Path:
     return Path(cache_dir or default)
 
 
-def model_features(model: keras.Model, rows: pd.DataFrame, precision: str, cache_dir: str = "",
-                   batch_size: int = 32) -> tuple[np.ndarray, bool]:
-    """The frozen backbone's features of rows for a model of pipeline.model, from the cache or extracted."""
-    backbone = model.get_layer("resnet50")
-    key = cache_key(rows, weights_digest(backbone), model.inputs[0].shape[1], precision)
-    return cached_features(rows, feature_extractor(model), key, cache_folder(cache_dir), batch_size)
+@dataclass(frozen=True)
+class Backbone:
+    """The frozen backbone whose features a head trains on, as the cache keys it."""
+    weights: str
+    image_size: int
+    seed: int
+    engine: str  # resolved: openvino or tensorflow
+    precision: str  # resolved
+
+    @classmethod
+    def of(cls, cfg: ModelParams) -> "Backbone":
+        return cls(cfg.weights, cfg.image_size, cfg.seed, engines.resolve_engine(cfg.engine),
+                   resolve_precision(cfg.precision))
+
+    @functools.cached_property
+    def identity(self) -> str:
+        return backbone_identity(self.weights, self.seed)
+
+    def build(self, policy: str) -> keras.Model:
+        return feature_model(self.weights, self.image_size, self.seed, policy)
+
+
+@dataclass(frozen=True)
+class Features:
+    """A split's features (read-only float16 memmap, one row per image) and where they came from."""
+    array: np.ndarray
+    hit: bool  # found in the cache
+    backbone_digest: str  # digest of the weight values that computed them
+    rel_error: float  # of the engine against TensorFlow float32 at extraction (nan if not checked)
+    seconds: float  # extraction's wall clock (0 for a hit)
+
+
+def split_features(backbone: Backbone, rows: pd.DataFrame, cache_dir: str = "", batch_size: int = 32) -> Features:
+    """The backbone's features of rows, from the cache or extracted into it."""
+    key = cache_key(rows, backbone)
+    return cached_features(rows, backbone, cache_folder(cache_dir) / key, batch_size)
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -49,29 +91,42 @@ def weights_digest(model: keras.Model) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(rows: pd.DataFrame, backbone_digest: str, image_size: int, precision: str) -> str:
+def cache_key(rows: pd.DataFrame, backbone: Backbone) -> str:
     h = hashlib.sha256("\n".join(rows["sha1"]).encode())
-    h.update(f"{backbone_digest}|{image_size}|{precision}|keras {keras.__version__}".encode())
+    h.update(f"{backbone.identity}|{backbone.image_size}|{backbone.engine}|{backbone.precision}|"
+             f"keras {keras.__version__}|{engine_version(backbone.engine)}".encode())
     return h.hexdigest()[:24]
 
 
-def cached_features(rows: pd.DataFrame, extractor: keras.Model, key: str, cache_dir: Path,
-                    batch_size: int = 32) -> tuple[np.ndarray, bool]:
-    """(read-only float16 memmap of extractor's output for rows, whether it came from the cache)."""
-    folder = Path(cache_dir) / key
-    features = _load(folder)
-    if features is not None and len(features) == len(rows):
-        return features, True
-    return _extract(rows, extractor, folder, batch_size), False
+def engine_version(engine: str) -> str:
+    if engine == "openvino":
+        import openvino
+
+        return f"openvino {openvino.__version__}"
+    import tensorflow as tf
+
+    return f"tensorflow {tf.__version__}"
 
 
-def _load(folder: Path):
+def cached_features(rows: pd.DataFrame, backbone: Backbone, folder: Path, batch_size: int = 32) -> Features:
+    found = _load(folder)
+    if found is not None and len(found[0]) == len(rows):
+        return Features(found[0], True, found[1]["backbone_digest"], float("nan"), 0.0)
+    return _extract(rows, backbone, folder, batch_size)
+
+
+def _load(folder: Path) -> tuple[np.ndarray, dict] | None:
+    """(memmap, meta) of a whole, undamaged entry; None if there is none (or a note and None if it is damaged)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         stat = (folder / "features.npy").stat()
         if stat.st_size != meta["bytes"]:
             return None
-        return _mapped(str(folder / "features.npy"), stat.st_ino, stat.st_size)
+        features = _mapped(str(folder / "features.npy"), stat.st_ino, stat.st_size)
+        if _verified_checksum(str(folder / "features.npy"), stat.st_ino, stat.st_size, stat.st_mtime_ns) != meta["adler32"]:
+            print(f"feature cache entry {folder} is damaged (checksum differs): extracting it again")
+            return None
+        return features, meta
     except (OSError, ValueError, KeyError):
         return None
 
@@ -85,33 +140,96 @@ def _mapped(path: str, inode: int, size: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _extract(rows: pd.DataFrame, extractor: keras.Model, folder: Path, batch_size: int) -> np.ndarray:
-    """Write the features of rows to folder, batch by batch, with a progress bar; meta.json last.
+@functools.lru_cache(maxsize=8)
+def _verified_checksum(path: str, inode: int, size: int, mtime_ns: int) -> int:
+    """The checksum of a cache file, computed once per process and version of the file."""
+    return _checksum(_mapped(path, inode, size))
+
+
+def _blocks(features: np.ndarray, rows: int = 256):
+    for start in range(0, len(features), rows):
+        yield features[start:start + rows]
+
+
+def _checksum(features: np.ndarray) -> int:
+    """Adler-32 of an array's bytes (GB/s), block by block: a memmap is never copied whole."""
+    value = 1
+    for block in _blocks(features):
+        value = zlib.adler32(np.ascontiguousarray(block).view(np.uint8), value)
+    return value
+
+
+@functools.lru_cache(maxsize=2)
+def _runner(backbone: Backbone) -> tuple[engines.Runner, str, object]:
+    """(compiled extractor, digest of its weights, its builder), once per process and backbone."""
+    build = functools.lru_cache(maxsize=2)(backbone.build)
+    runner = engines.compile_model(build, backbone.engine, backbone.precision)
+    return runner, weights_digest(build("float32").get_layer("resnet50")), build
+
+
+def _extract(rows: pd.DataFrame, backbone: Backbone, folder: Path, batch_size: int) -> Features:
+    """Write the features of rows to folder with a progress bar, meta.json last; its Features.
 
     Several processes (tune's workers) may extract the same entry at once: each writes files of
     its own (name with its pid) and renames them into place, so a reader sees a whole entry or
-    none, and the last writer's identical files win. Returns the entry's memmap.
+    none, and the last writer's identical files win.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = (len(rows), *extractor.output.shape[1:])
+    start_time = time.perf_counter()
+    runner, digest, build = _runner(backbone)
     own = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial = folder / f"features.{own}.partial.npy"
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-    batches = make_dataset(rows.assign(label_index=0), extractor.input.shape[1], batch_size)
-    progress = keras.utils.Progbar(math.ceil(len(rows) / batch_size), unit_name="batch")
-    start = 0
-    for images, _ in batches:
-        block = np.asarray(extractor.predict_on_batch(images))
-        out[start:start + len(block)] = block.astype(np.float16)
-        start += len(block)
-        progress.add(1)
-    out.flush()
-    del out
-    meta = {"shape": list(shape), "bytes": partial.stat().st_size, "rows": len(rows)}
-    os.replace(partial, folder / "features.npy")
-    (folder / f"meta.{own}.json").write_text(json.dumps(meta))
-    os.replace(folder / f"meta.{own}.json", folder / "meta.json")
-    return _load(folder)  # this process's file, or another writer's identical one
+    out = _allocate(partial, (len(rows), *runner.output_shape))
+    try:
+        batches = make_dataset(rows.assign(label_index=0), backbone.image_size, batch_size)
+        rel_error = float("nan")
+        progress = keras.utils.Progbar(len(rows), unit_name="image")
+
+        def images():
+            nonlocal rel_error
+            for i, (batch, _) in enumerate(batches):
+                batch = batch.numpy()
+                if i == 0:
+                    rel_error = engines.check_against_reference(runner, build, batch[:CHECK_IMAGES])
+                yield batch
+                progress.add(len(batch))
+
+        runner.run(images(), out)
+        if not all(np.isfinite(block).all() for block in _blocks(out)):
+            raise PipelineError(f"the backbone gave non-finite features ({backbone.engine}, {backbone.precision}): "
+                                "check the weights, or use precision=float32")
+        out.flush()
+        meta = {"shape": list(out.shape), "bytes": partial.stat().st_size, "rows": len(rows),
+                "adler32": _checksum(out), "backbone_digest": digest, "engine": backbone.engine,
+                "precision": backbone.precision, "rel_error": rel_error}
+        del out
+        os.replace(partial, folder / "features.npy")
+        (folder / f"meta.{own}.json").write_text(json.dumps(meta))
+        os.replace(folder / f"meta.{own}.json", folder / "meta.json")
+    finally:
+        partial.unlink(missing_ok=True)
+    found = _load(folder)  # this process's file, or another writer's identical one
+    if found is None:
+        raise PipelineError(f"feature cache entry {folder} could not be read back after writing it: "
+                            "check the folder's disk, or set cache_dir to another folder")
+    return Features(found[0], False, digest, rel_error, time.perf_counter() - start_time)
+
+
+def _allocate(path: Path, shape: tuple) -> np.ndarray:
+    """A float16 .npy memmap of shape at path, its blocks allocated up front: a full disk fails
+    here with one line instead of killing the process (SIGBUS) in the middle of writing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return out
+    except OSError as e:
+        if path.is_file():
+            path.unlink()
+        need = f"this entry needs {math.prod(shape) * 2 / 2**20:,.0f} MB: free space there, or "
+        raise PipelineError(f"cannot write the feature cache in {path.parent.parent} ({e.strerror or e}): "
+                            f"{need if e.errno == errno.ENOSPC else ''}set cache_dir (or $PIPELINE_CACHE_DIR) "
+                            "to a writable folder with room") from None
 
 
 class FeatureBatches(keras.utils.PyDataset):

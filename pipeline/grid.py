@@ -6,7 +6,6 @@ small heads. A point already finished for the same data and settings (tag grid_k
 so a grid that stopped half-way continues where it stopped.
 """
 
-import gc
 import hashlib
 import json
 import os
@@ -61,27 +60,30 @@ def grid(cfg: GridConfig) -> GridResult:
     with step_run("grid", cfg, source.name, run_id=_interrupted_parent(cfg.experiment or source.name, settings)) as parent:
         mlflow.set_tags({"step": "grid", "grid_settings": settings})
         data = prepare(cfg.to(PrepareConfig), run_id=parent.info.run_id)
-        rows = []
+        rows, best = [], None
         for number, point in enumerate(point_configs(cfg, data.data_uri), start=1):
-            rows.append(_point(number, point, data.digest, cfg))
+            row, trained = _point(number, point, data.digest, cfg)
+            rows.append(row)
+            if best is None or row["best_val_accuracy"] > best[0]["best_val_accuracy"]:
+                best = (row, trained)
         runs = pd.DataFrame(rows)
         table = _log_table(runs)
-        best = runs.loc[runs["best_val_accuracy"].idxmax()]
-        mlflow.log_metrics({"best_grid_point": int(best["number"]), "best_val_accuracy": best["best_val_accuracy"],
-                            "test_accuracy": best["test_accuracy"]})
-        mlflow.set_tags({"best_model_uri": best["model_uri"], "best_run_id": best["run_id"]})
-        registered = register(best["model_uri"], cfg.registered_model, if_new=True)
+        row = _with_model(*best)
+        mlflow.log_metrics({"best_grid_point": int(row["number"]), "best_val_accuracy": row["best_val_accuracy"],
+                            "test_accuracy": row["test_accuracy"]})
+        mlflow.set_tags({"best_model_uri": row["model_uri"], "best_run_id": row["run_id"]})
+        registered = register(row["model_uri"], cfg.registered_model, if_new=True)
         mlflow.set_tags({"registered_model": registered.name, "model_version": registered.version,
                          "champion": str(registered.champion)})
     print(table.to_string(index=False))
-    return GridResult(parent.info.run_id, table, best["model_uri"], best["run_id"], registered.uri)
+    return GridResult(parent.info.run_id, table, row["model_uri"], row["run_id"], registered.uri)
 
 
-def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dict:
-    """Train and evaluate one point in a child run, or reuse its finished run."""
-    import keras
-
-    from pipeline.evaluate import evaluate
+def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> tuple[dict, object]:
+    """Train and evaluate one point in a child run, or reuse its finished run: (its table row, its
+    trained model in memory, None when reused). On cached features a point trains and scores only
+    its head; its whole model is logged only with log_models=all (the best point's at the end)."""
+    from pipeline.evaluate import evaluate_trained
     from pipeline.train import train
 
     key = _key(point, digest)
@@ -92,18 +94,31 @@ def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> dic
     if done:
         run = done[0]
         print(f"point {number}: reusing finished run {run.info.run_id}")
-        return _row(number, point, run.info.run_id, run.data.tags["model_uri"], run.data.metrics)
-    result = train(point)
+        return _row(number, point, run.info.run_id, run.data.tags.get("model_uri", ""), run.data.metrics), None
+    result = train(point, log_model=cfg.log_models == "all")
     client = mlflow.MlflowClient()
-    for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number), "grid_key": key,
-                       "model_uri": result.model_uri}.items():
+    for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number), "grid_key": key}.items():
         client.set_tag(result.run_id, tag, value)
-    scores = evaluate(cfg.to(EvaluateConfig, model=result.model_uri, data=point.data), run_id=result.run_id)
-    keras.backend.clear_session(free_memory=True)  # seven ResNet50s need not stay in memory
-    gc.collect()
+    scores = evaluate_trained(result.trained, run_id=result.run_id)
     metrics = {**scores.metrics, "best_val_accuracy": result.best_val_accuracy,
-               "learning_time_ms": result.learning_time_s * 1000}
-    return _row(number, point, result.run_id, result.model_uri, metrics)
+               "learning_time_s": result.learning_time_s}
+    return _row(number, point, result.run_id, result.model_uri, metrics), result.trained
+
+
+def _with_model(row: dict, trained) -> dict:
+    """The best point's row with the URI of its whole model: logged now from memory, or rebuilt
+    (pipeline.train.log_trained_model_of) when the point was reused from an earlier grid run."""
+    from pipeline.config import LogModelConfig
+    from pipeline.train import log_trained, log_trained_model_of
+
+    if row["model_uri"]:
+        return row
+    if trained is None:
+        uri = log_trained_model_of(LogModelConfig(run=row["run_id"])).model_uri
+    else:
+        with mlflow.start_run(run_id=row["run_id"], nested=True):
+            uri = log_trained(trained)
+    return {**row, "model_uri": uri}
 
 
 def _key(cfg, data: str) -> str:
@@ -135,7 +150,7 @@ def _interrupted_parent(experiment: str, settings: str) -> str | None:
 def _row(number: int, point: TrainConfig, run_id: str, model_uri: str, metrics: dict) -> dict:
     return {"number": number, "hidden_layers": point.hidden_layers, "units": point.units,
             "learning_rate": point.learning_rate, "test_accuracy": metrics["test_accuracy"],
-            "learning_time_ms": metrics["learning_time_ms"], "best_val_accuracy": metrics["best_val_accuracy"],
+            "learning_time_ms": metrics["learning_time_s"] * 1000, "best_val_accuracy": metrics["best_val_accuracy"],
             "run_id": run_id, "model_uri": model_uri}
 
 

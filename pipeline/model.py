@@ -8,6 +8,8 @@ logged model takes raw images and needs no custom code to load), "resnet50" (the
 Dense(classes, softmax)).
 """
 
+import functools
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,25 +23,69 @@ from pipeline.config import ModelParams, PipelineError, URI_SCHEME
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
-def build_model(cfg: ModelParams, n_classes: int) -> keras.Model:
+def build_model(cfg: ModelParams, n_classes: int, head: keras.Model | None = None,
+                precision: str | None = None) -> keras.Model:
     """A model for cfg with n_classes outputs, trainable layers set by cfg.fine_tune (for two-phase
     training, cfg.finetune_epochs > 0, the backbone starts frozen: phase 2 calls set_fine_tune);
     not compiled: compile what is trained (the whole model, or only its head on cached features).
 
-    With cfg.augment the model starts with the "augment" layers (pipeline.augment), which act in
-    fit only. The backbone computes in cfg.precision; augmentation, preprocessing and the head
-    stay float32.
+    head: a head already trained on cached features (build_head), to assemble the whole
+    image-to-class model around; default: a new head, initialised from cfg.seed exactly as
+    build_head would. With cfg.augment the model starts with the "augment" layers
+    (pipeline.augment), which act in fit only. The backbone computes in precision (default
+    cfg.precision, resolved); augmentation, preprocessing and the head stay float32.
     """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
-    with dtype_policy(resolve_precision(cfg.precision)):
-        backbone = load_backbone(cfg.weights, cfg.image_size)
+    with dtype_policy(precision or resolve_precision(cfg.precision)):
+        backbone = load_backbone(cfg.weights, cfg.image_size, cfg.seed)
     set_fine_tune(backbone, "none" if cfg.finetune_epochs else cfg.fine_tune, pretrained=cfg.weights != "none")
     augment = augmentation(cfg.augment, cfg.seed)
     x = preprocess_layer()(augment(inputs) if augment else inputs)
     # No training=False here: Keras 3 passes fit's training=True down into the nested backbone
     # anyway. BatchNorm's mode follows its trainable flag, which set_fine_tune sets.
-    outputs = build_head(backbone.output.shape[1:], cfg, n_classes)(backbone(x))
-    return keras.Model(inputs, outputs, name="resnet50_classifier")
+    head = head or build_head(backbone.output.shape[1:], cfg, n_classes)
+    return keras.Model(inputs, head(backbone(x)), name="resnet50_classifier")
+
+
+def builder_of(model: keras.Model, config: dict, n_classes: int):
+    """build(dtype_policy) for pipeline.engine: model's architecture (from its TrainConfig values)
+    rebuilt in a dtype policy, with model's own weights."""
+    fields = {k: v for k, v in config.items() if k in ModelParams.__dataclass_fields__}
+    cfg = ModelParams(**{**fields, "weights": "none"})  # the weights come from model
+
+    @functools.lru_cache(maxsize=2)
+    def build(policy: str) -> keras.Model:
+        twin = build_model(cfg, n_classes, precision=policy)
+        twin.set_weights(model.get_weights())
+        return twin
+    return build
+
+
+def feature_model(weights: str, image_size: int, seed: int, policy: str) -> keras.Model:
+    """image -> the frozen backbone's features (ResNet50 preprocessing, then ResNet50) in a dtype
+    policy: what the feature cache stores. The same weights as build_model's backbone."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    with dtype_policy(policy):
+        backbone = load_backbone(weights, image_size, seed)
+    backbone.trainable = False
+    return keras.Model(inputs, backbone(preprocess_layer()(inputs), training=False), name="features")
+
+
+def backbone_identity(weights: str, seed: int) -> str:
+    """What the backbone's weights are, without building it: random (seed), imagenet, a weights
+    file's content, or the logged model they come from. Part of the feature cache's key."""
+    if weights == "none":
+        return f"random (seed {seed})"
+    if URI_SCHEME.match(weights):
+        try:
+            return f"model {mlflow.models.get_model_info(weights).model_uuid}"
+        except Exception as e:
+            raise PipelineError(f"cannot read model {weights!r} for its backbone ({type(e).__name__}): pass a "
+                                "model URI logged by train, e.g. runs:/<id>/model") from None
+    if weights == "imagenet":
+        return f"imagenet (keras {keras.__version__})"
+    with open(weights, "rb") as f:
+        return f"file sha256 {hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, jit_compile="auto") -> None:
@@ -47,13 +93,6 @@ def compile_for_training(model: keras.Model, learning_rate: float, jit_compile="
     but Keras refuses it (and warns) once TensorFlow's op determinism is on, as train turns it."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit_compile)
-
-
-def feature_extractor(model: keras.Model) -> keras.Model:
-    """image -> frozen backbone features, sharing the model's own preprocess and resnet50 layers."""
-    inputs = keras.Input(model.inputs[0].shape[1:])
-    features = model.get_layer("resnet50")(model.get_layer("preprocess")(inputs), training=False)
-    return keras.Model(inputs, features, name="features")
 
 
 def resolve_precision(precision: str) -> str:
@@ -91,7 +130,9 @@ def preprocess_layer() -> keras.layers.Layer:
 
 
 def build_head(feature_shape, cfg: ModelParams, n_classes: int) -> keras.Model:
-    """The trainable classifier on top of the backbone's feature map."""
+    """The trainable classifier on top of the backbone's feature map, initialised from cfg.seed
+    (whether or not a backbone was built before it in this process)."""
+    keras.utils.set_random_seed(cfg.seed)
     pool = keras.layers.Flatten() if cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D()
     layers = [keras.Input(tuple(feature_shape)), pool]
     layers += [keras.layers.Dense(cfg.units, activation="relu") for _ in range(cfg.hidden_layers)]
@@ -99,9 +140,11 @@ def build_head(feature_shape, cfg: ModelParams, n_classes: int) -> keras.Model:
     return keras.Sequential(layers, name="head")
 
 
-def load_backbone(weights: str, image_size: int) -> keras.Model:
-    """ResNet50 without its top, with weights: imagenet, none, a weights file, or a model URI."""
+def load_backbone(weights: str, image_size: int, seed: int) -> keras.Model:
+    """ResNet50 without its top, with weights: imagenet, none (random, from seed: the same seed
+    always gives the same weights), a weights file, or a model URI."""
     shape = (image_size, image_size, 3)
+    keras.utils.set_random_seed(seed)
     if URI_SCHEME.match(weights):
         backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape)
         backbone.set_weights(_backbone_weights_from(weights))
@@ -117,8 +160,10 @@ def load_backbone(weights: str, image_size: int) -> keras.Model:
 
 
 def _backbone_weights_from(uri: str) -> list:
+    from pipeline.card import load_model
+
     try:
-        return mlflow.keras.load_model(uri).get_layer("resnet50").get_weights()
+        return load_model(uri)[0].get_layer("resnet50").get_weights()
     except Exception as e:
         raise PipelineError(f"cannot take backbone weights from model {uri!r} ({type(e).__name__}): "
                             "pass a model URI logged by train, e.g. runs:/<id>/model") from None

@@ -1,7 +1,7 @@
 """Step: classify image files with a logged model and write one CSV row per file.
 
 The model says how to read images (image_size) and what the classes are (class_names), from its
-own metadata: nothing is re-listed or re-typed here.
+model card (pipeline.card): nothing is re-listed or re-typed here.
 """
 
 import os
@@ -36,24 +36,28 @@ def predict(cfg: PredictConfig) -> PredictResult:
     if usable.empty:
         raise PipelineError(f"no readable image in {cfg.input} ({len(skipped)} file(s) skipped, e.g. "
                             f"{skipped['path'].iloc[0]}: {skipped['reason'].iloc[0]})")
-    from pipeline.evaluate import load_model  # TensorFlow: only once there is something to classify
+    from pipeline.card import load_model  # TensorFlow: only once there is something to classify
 
-    model, info = load_model(cfg.model)
-    class_names, image_size = info.metadata["class_names"], info.metadata["image_size"]
-    probs = _probabilities(model, usable["path"].tolist(), image_size, cfg.batch_size)
-    table = _table(usable["path"], probs, class_names, skipped)
+    model, card, _ = load_model(cfg.model)
+    probs = _probabilities(model, card, usable["path"].tolist(), cfg)
+    table = _table(usable["path"], probs, card.class_names, skipped)
     _write_atomically(table, Path(cfg.output))
     print(f"wrote {len(usable)} prediction(s) to {cfg.output}"
           + (f"; skipped {len(skipped)} unreadable file(s), listed there with an error" if len(skipped) else ""))
     return PredictResult(cfg.output, len(usable), len(skipped))
 
 
-def _probabilities(model, paths: list[str], image_size: int, batch_size: int) -> np.ndarray:
+def _probabilities(model, card, paths: list[str], cfg: PredictConfig) -> np.ndarray:
+    """The whole model's class probabilities for image files, on cfg.engine (pipeline.engine)."""
     from pipeline.data import load_images
+    from pipeline.engine import compile_model, resolve_engine
+    from pipeline.model import builder_of
 
-    batches = range(0, len(paths), batch_size)
-    return np.concatenate([model.predict(load_images(paths[i:i + batch_size], image_size), verbose=0)
-                           for i in tqdm(batches, desc="predict", unit="batch")])
+    runner = compile_model(builder_of(model, card.config, len(card.class_names)), resolve_engine(cfg.engine),
+                           card.precision)
+    starts = tqdm(range(0, len(paths), cfg.batch_size), desc="predict", unit="batch")
+    batches = (load_images(paths[i:i + cfg.batch_size], card.image_size) for i in starts)
+    return runner.run(batches, np.empty((len(paths), len(card.class_names)), np.float32))
 
 
 def _table(paths: pd.Series, probs: np.ndarray, class_names: list[str], skipped: pd.DataFrame) -> pd.DataFrame:

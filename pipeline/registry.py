@@ -24,11 +24,12 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from pipeline.card import ModelCard, read_card
 from pipeline.config import PipelineError
 
 CHAMPION = "champion"
 SELECT_ON = "best_val_accuracy"  # validation: the test split is for reporting only
-METRICS = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_macro_f1", "test_loss", "learning_time_ms")
+METRICS = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_macro_f1", "test_loss", "learning_time_s")
 TABLE_PARAMS = ("hidden_layers", "units", "learning_rate")
 
 
@@ -56,18 +57,15 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
     (a grid re-run whose points were all reused registers nothing new). Returns the version and
     whether it is now the champion, and why.
     """
-    info = _model_info(model_uri)
-    meta = info.metadata or {}
-    if not (registered_model or meta.get("dataset")):
-        raise PipelineError(f"model {model_uri!r} names no dataset in its metadata: pass registered_model=NAME")
-    name = registered_model or default_name(meta["dataset"])
+    card, run_id = read_card(model_uri)
+    name = registered_model or default_name(card.dataset)
     client = mlflow.MlflowClient()
     known = _registered_version(client, name, model_uri) if if_new else None
     if known:
         return Registration(name, str(known.version), f"models:/{name}/{known.version}",
                             CHAMPION in known.aliases, "already registered")
-    scores = {k: v for k, v in _run_metrics(info.run_id).items() if k in METRICS} | (metrics or {})
-    tags = _version_tags(model_uri, info.run_id, meta, scores)
+    scores = {k: v for k, v in _run_metrics(run_id).items() if k in METRICS} | (metrics or {})
+    tags = _version_tags(model_uri, run_id, card, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
     promote, decision = _champion_decision(client, name, tags)
     if promote:
@@ -87,22 +85,14 @@ def _registered_version(client, name: str, model_uri: str):
     return client.get_model_version(name, version) if version else None  # search leaves aliases out
 
 
-def _model_info(model_uri: str):
-    try:
-        return mlflow.models.get_model_info(model_uri)
-    except Exception as e:
-        raise PipelineError(f"cannot register model {model_uri!r} ({type(e).__name__}): pass a model URI "
-                            "logged by train, e.g. runs:/<id>/model or models:/m-<id>") from None
-
-
 def _run_metrics(run_id: str | None) -> dict[str, float]:
     return mlflow.get_run(run_id).data.metrics if run_id else {}
 
 
-def _version_tags(model_uri: str, run_id: str | None, meta: dict, scores: dict) -> dict[str, str]:
-    tags = {"dataset": meta.get("dataset", ""), "data_digest": meta.get("data_digest", ""),
-            "source_run_id": run_id or "", "model_uri": model_uri}
-    tags |= {f"param.{k}": str(v) for k, v in (meta.get("config") or {}).items()}
+def _version_tags(model_uri: str, run_id: str | None, card: ModelCard, scores: dict) -> dict[str, str]:
+    tags = {"dataset": card.dataset, "data_digest": card.data_digest, "source_run_id": run_id or "",
+            "model_uri": model_uri}
+    tags |= {f"param.{k}": str(v) for k, v in card.config.items()}
     return tags | {k: repr(float(v)) for k, v in scores.items()}
 
 

@@ -16,7 +16,7 @@ from pipeline.config import PipelineError, ReportConfig
 # The studies' column names, from what train and evaluate log.
 COLUMNS = {"params.hidden_layers": "Hidden Layer", "params.units": "Dense Count",
            "params.learning_rate": "Learning Rate", "metrics.test_accuracy": "Accuracy",
-           "metrics.learning_time_ms": "Learning Time(ms)"}
+           "metrics.learning_time_s": "Learning Time(ms)"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _studies_table(runs: pd.DataFrame) -> pd.DataFrame:
     name = table.get("tags.mlflow.runName", pd.Series("run", index=table.index)).fillna("run")
     table = table.assign(Model=name + " `" + table["run_id"].str[:8] + "`").rename(columns=COLUMNS)
     table["Accuracy"] = table["Accuracy"].map(lambda v: f"{v:.4f}")
-    table["Learning Time(ms)"] = table["Learning Time(ms)"].map(lambda v: f"{v:.0f}")
+    table["Learning Time(ms)"] = table["Learning Time(ms)"].map(lambda v: f"{v * 1000:.0f}")
     return table[["Model", *COLUMNS.values()]]
 
 

@@ -1,36 +1,55 @@
 """Step 2: fine-tune the classifier on the train split, early-stopped on the validation split."""
 
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import keras
 import mlflow
 import numpy as np
 import pandas as pd
-import tensorflow as tf
-from mlflow.models import infer_signature
 from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
-from pipeline.config import TrainConfig
+from pipeline.card import ModelCard, log_model
+from pipeline.config import LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
-from pipeline.features import FeatureBatches, model_features
-from pipeline.model import build_model, compile_for_training, resolve_precision, set_fine_tune
+from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
+from pipeline.model import backbone_identity, build_head, build_model, compile_for_training, resolve_precision, set_fine_tune
 from pipeline.plots import learning_curves
 from pipeline.reproducibility import make_deterministic, run_tags
 from pipeline.tracking import step_run
 
-MODEL_NAME = "model"
+
+@dataclass
+class Trained:
+    """A model just trained, in memory: what evaluate scores and log_trained logs without
+    reading anything back from the store."""
+    model: keras.Model  # the head alone if it trained on cached features, else the whole model
+    cfg: TrainConfig
+    data: prepared.PreparedData
+    history: dict
+    seconds: float  # fit's wall clock, both phases
+    phase_2: int | None  # the step of phase 2's first epoch, with two phases
+    backbone: Backbone | None = None  # the cached features' backbone, for a head
+    backbone_digest: str = ""  # of those features' weights
+
+    @property
+    def is_head(self) -> bool:
+        return self.backbone is not None and self.model.name == "head"
+
+    @property
+    def best_epoch(self) -> int:
+        return min(range(len(self.history["val_loss"])), key=self.history["val_loss"].__getitem__)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     run_id: str
-    model_uri: str  # hand this to evaluate
+    model_uri: str  # hand this to evaluate; "" if not logged (log_model=False): `log-model --run` logs it
     best_val_accuracy: float  # of the restored (lowest val_loss) epoch
     best_val_loss: float
     learning_time_s: float
+    trained: Trained | None = field(default=None, repr=False, compare=False)
 
 
 class _LogEpochs(keras.callbacks.Callback):
@@ -38,53 +57,85 @@ class _LogEpochs(keras.callbacks.Callback):
         mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
 
 
-def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
-    """Train on the prepared data at cfg.data (train and val splits only) and log the model.
+def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult:
+    """Train on the prepared data at cfg.data (train and val splits only) and log the run.
 
     One phase (finetune_epochs=0): up to cfg.epochs epochs with the layers of cfg.fine_tune
     trainable from the start. Two phases (finetune_epochs > 0): the head on the frozen backbone
     for up to cfg.epochs epochs, then up to finetune_epochs more with cfg.fine_tune's layers
-    unfrozen at finetune_learning_rate (see _fine_tune).
+    unfrozen at finetune_learning_rate (see _fine_tune). A frozen backbone trains only its head,
+    on cached features (pipeline.features); the whole model is assembled only to be logged.
 
     The same seed and data give the same metrics on a CPU (pipeline.reproducibility).
-    Logs: tags seed, data_digest, version.<package>, version.python and platform; every
-    parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy
-    (phase 2's steps continue phase 1's); learning_time_s and learning_time_ms (fit's wall clock,
-    both phases); best_epoch, best_val_accuracy and best_val_loss of the restored weights;
-    with two phases finetune_start_epoch (the step of phase 2's first epoch) and finetune_time_s;
-    plots/learning_curves.png; the whole image-to-class model (name "model") with its
-    signature, an input example, and class_names, image_size, precision and config in its
-    metadata; with class_weight=balanced, class_weights.json (class name -> weight). A frozen
-    backbone trains its head on cached features (see pipeline.features) and also logs the
-    feature_* metrics of _fit_head_on_features.
+    Logs: tags seed, data_digest, version.<package>, version.python, platform, engine and
+    precision; every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy
+    (phase 2's steps continue phase 1's); learning_time_s (fit's wall clock, both phases);
+    best_epoch, best_val_accuracy and best_val_loss of the restored weights; with two phases
+    finetune_start_epoch and finetune_time_s; plots/learning_curves.png; on cached features
+    feature_extraction_s, feature_cache_hits, feature_cache_mb and engine_rel_error; with
+    class_weight=balanced, class_weights.json (class name -> weight); with log_model the whole
+    image-to-class model (name "model", pipeline.card: signature, input example, model card).
+    A run without the model keeps what rebuilds it exactly: log_trained_model_of(run id).
     callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning.
     """
     data = prepared.load(cfg.data)
-    train_rows = data.split("train")
     with step_run("train", cfg, data.name) as run:
         mlflow.log_input(data.mlflow_dataset("train"), context="training")
         mlflow.log_input(data.mlflow_dataset("val"), context="validation")
         mlflow.set_tags(run_tags(cfg.seed, data.digest))
-        make_deterministic(cfg.seed)
+        trained = fit(cfg, data, callbacks, log=True)
+        best = trained.best_epoch
+        summary = {"best_val_accuracy": trained.history["val_accuracy"][best],
+                   "best_val_loss": trained.history["val_loss"][best]}
+        mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": trained.seconds})
+        mlflow.log_figure(learning_curves(trained.history, data.name, trained.phase_2), "plots/learning_curves.png")
+        model_uri = log_trained(trained) if log_model else ""
+    return TrainResult(run.info.run_id, model_uri, learning_time_s=trained.seconds, trained=trained, **summary)
+
+
+def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool = False) -> Trained:
+    """Seed everything and train cfg's model on data's train split (early-stopped on val); with
+    log, into the active run (class weights, per-epoch and feature metrics, engine tags)."""
+    make_deterministic(cfg.seed)
+    train_rows = data.split("train")
+    weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
+    if weights and log:
+        mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
+    job = _Job(cfg, train_rows, data.split("val"), weights, (*callbacks, _LogEpochs()) if log else tuple(callbacks))
+    if uses_feature_cache(cfg):
+        trained = _fit_head_on_features(job, data, log)
+    else:
         model = build_model(cfg, len(data.class_names))
-        weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
-        if weights:
-            mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
-        job = _Job(cfg, train_rows, data.split("val"), weights, tuple(callbacks))
-        fit = _fit_head_on_features if uses_feature_cache(cfg) else _fit_on_images
-        history, seconds = fit(model, job)
-        phase_2 = len(history["val_loss"]) if cfg.finetune_epochs else None  # its first epoch's step
-        if phase_2 is not None:
-            history, finetune_s = _fine_tune(model, history, job)
-            mlflow.log_metrics({"finetune_start_epoch": phase_2, "finetune_time_s": finetune_s})
-            seconds += finetune_s
-        best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
-        summary = {"best_val_accuracy": history["val_accuracy"][best], "best_val_loss": history["val_loss"][best]}
-        mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": seconds,
-                            "learning_time_ms": seconds * 1000})
-        mlflow.log_figure(learning_curves(history, data.name, phase_2), "plots/learning_curves.png")
-        info = _log_model(model, data, cfg, example=load_images(train_rows["path"].iloc[:1], cfg.image_size))
-    return TrainResult(run.info.run_id, info.model_uri, learning_time_s=seconds, **summary)
+        trained = Trained(model, cfg, data, *_fit_on_images(model, job), phase_2=None)
+    if log:
+        mlflow.set_tags({"engine": trained.backbone.engine if trained.backbone else "tensorflow",
+                         "precision": resolve_precision(cfg.precision)})
+    if cfg.finetune_epochs:
+        _fine_tune(trained, job)
+        if log:
+            mlflow.log_metrics({"finetune_start_epoch": trained.phase_2, "finetune_time_s": trained.seconds})
+    return trained
+
+
+def log_trained(trained: Trained) -> str:
+    """Assemble the whole image-to-class model of trained (a head gets its backbone) and log it
+    with its model card into the active run; its model URI."""
+    cfg, data = trained.cfg, trained.data
+    model = build_model(cfg, len(data.class_names), head=trained.model) if trained.is_head else trained.model
+    digest = weights_digest(model.get_layer("resnet50"))
+    if trained.backbone_digest and digest != trained.backbone_digest:
+        raise PipelineError(f"the backbone rebuilt for the model ({digest}) is not the one whose cached features "
+                            f"trained its head ({trained.backbone_digest}): clear the feature cache "
+                            "(cache_dir) and train again")
+    card = ModelCard(class_names=data.class_names, image_size=cfg.image_size,
+                     precision=resolve_precision(cfg.precision),
+                     engine=trained.backbone.engine if trained.backbone else "tensorflow", dataset=data.name,
+                     data_digest=data.digest, config=asdict(cfg),
+                     backbone=backbone_identity(cfg.weights, cfg.seed), backbone_digest=digest)
+    example = load_images(data.split("train")["path"].iloc[:1], cfg.image_size)
+    info = log_model(model, card, example)
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri
 
 
 @dataclass(frozen=True)
@@ -130,7 +181,7 @@ def _fit(model: keras.Model, train_data, val_data, job: _Job, first_epoch: int =
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, initial_epoch=first_epoch,
                         epochs=first_epoch + (epochs or job.cfg.epochs), class_weight=job.class_weight,
-                        callbacks=[stop, _LogEpochs(), *job.callbacks], verbose=2,
+                        callbacks=[stop, *job.callbacks], verbose=2,
                         shuffle=False)  # the inputs shuffle themselves, seeded
     return history.history, time.perf_counter() - start
 
@@ -144,73 +195,89 @@ def _fit_on_images(model: keras.Model, job: _Job, learning_rate: float | None = 
                 make_dataset(job.val_rows, cfg.image_size, cfg.batch_size), job, first_epoch, epochs)
 
 
-def _fit_head_on_features(model: keras.Model, job: _Job) -> tuple[dict, float]:
-    """Train model's head on cached backbone features; model (which shares the head) is then trained.
-
-    Logs feature_extraction_s, feature_cache_hits (0-2: train and val found in the cache) and
-    feature_cache_mb.
-    """
+def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> Trained:
+    """Train a new head on the cached backbone features of the train and val splits."""
     cfg, start = job.cfg, time.perf_counter()
-    precision = resolve_precision(cfg.precision)
-    (train_f, train_hit), (val_f, val_hit) = (
-        model_features(model, rows, precision, cfg.cache_dir, cfg.batch_size) for rows in (job.train_rows, job.val_rows))
-    mlflow.log_metrics({"feature_extraction_s": time.perf_counter() - start,
-                        "feature_cache_hits": train_hit + val_hit,
-                        "feature_cache_mb": (train_f.nbytes + val_f.nbytes) / 2**20})
-    head = model.get_layer("head")
+    backbone = Backbone.of(cfg)
+    train_f, val_f = (split_features(backbone, rows, cfg.cache_dir, cfg.batch_size)
+                      for rows in (job.train_rows, job.val_rows))
+    if log:
+        checked = [f.rel_error for f in (train_f, val_f) if not f.hit]
+        mlflow.log_metrics({"feature_extraction_s": time.perf_counter() - start,
+                            "feature_cache_hits": train_f.hit + val_f.hit,
+                            "feature_cache_mb": (train_f.array.nbytes + val_f.array.nbytes) / 2**20,
+                            **({"engine_rel_error": max(checked)} if checked else {})})
+    head = build_head(train_f.array.shape[1:], cfg, len(data.class_names))
     # No XLA (jit_compile=True, a third faster): Keras turns it off under the op determinism that
     # make_deterministic turns on, and says so in a warning.
     compile_for_training(head, cfg.learning_rate)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (job.train_rows, job.val_rows))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
-    return _fit(head, FeatureBatches(train_f, y_train, cfg.batch_size, cfg.seed),
-                FeatureBatches(val_f, y_val, 8 * cfg.batch_size), job)
+    history, seconds = _fit(head, FeatureBatches(train_f.array, y_train, cfg.batch_size, cfg.seed),
+                            FeatureBatches(val_f.array, y_val, 8 * cfg.batch_size), job)
+    return Trained(head, cfg, data, history, seconds, None, backbone, train_f.backbone_digest)
 
 
-def _fine_tune(model: keras.Model, history: dict, job: _Job) -> tuple[dict, float]:
+def _fine_tune(trained: Trained, job: _Job) -> None:
     """Phase 2: unfreeze cfg.fine_tune's layers (a pretrained backbone's BatchNorm stays frozen),
-    recompile at finetune_learning_rate and train on images for up to finetune_epochs epochs,
-    numbered on from phase 1's. (both phases' history, phase 2's seconds)
+    recompile at finetune_learning_rate and train the whole model on images for up to
+    finetune_epochs epochs, numbered on from phase 1's; trained then holds the whole model and
+    both phases' history.
 
     If no phase-2 epoch beats phase 1's best val_loss, phase 1's weights are put back, so the
-    logged model is always the epoch with the lowest val_loss of either phase.
+    model is always the epoch with the lowest val_loss of either phase.
     """
-    cfg = job.cfg
+    cfg, history = job.cfg, trained.history
+    model = build_model(cfg, len(trained.data.class_names), head=trained.model) if trained.is_head else trained.model
     phase_1 = model.get_weights()
     set_fine_tune(model.get_layer("resnet50"), cfg.fine_tune, pretrained=cfg.weights != "none")
     more, seconds = _fit_on_images(model, job, cfg.finetune_learning_rate, len(history["val_loss"]),
                                    cfg.finetune_epochs)
     if min(more["val_loss"]) >= min(history["val_loss"]):
         model.set_weights(phase_1)
-    return {k: list(history[k]) + list(more[k]) for k in history}, seconds
+    trained.phase_2 = len(history["val_loss"])
+    trained.history = {k: list(history[k]) + list(more[k]) for k in history}
+    trained.model, trained.seconds, trained.backbone_digest = model, trained.seconds + seconds, ""
 
 
-class _KerasFlavor:
-    """mlflow.keras, whose save_model writes the input example before it creates the model's
-    folder (mlflow/mlflow#16183, still open in MLflow 3.17): create the folder first.
-    Once fixed upstream, _log_model becomes mlflow.keras.log_model(model, name=..., ...)."""
-
-    @staticmethod
-    def save_model(path, validate_serving_input=None, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
+@dataclass(frozen=True)
+class LogModelResult:
+    run_id: str
+    model_uri: str
 
 
-def _log_model(model: keras.Model, data: prepared.PreparedData, cfg: TrainConfig, example):
-    """Log the whole image-to-probabilities model with what later steps need to use it."""
-    return mlflow.models.Model.log(
-        artifact_path=None,
-        name=MODEL_NAME,
-        flavor=_KerasFlavor,
-        flavor_name="mlflow.keras",
-        model=model,
-        signature=infer_signature(example, model.predict(example, verbose=0)),
-        input_example=example,
-        metadata={"class_names": data.class_names, "image_size": cfg.image_size, "dataset": data.name,
-                  "data_digest": data.digest, "precision": resolve_precision(cfg.precision), "config": asdict(cfg)},
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
-                          f"keras=={keras.__version__}"],
-        # MLflow would reload the model twice (7 s for ResNet50) to replay the input example;
-        # tests/test_steps.py loads logged models with pyfunc and predicts on raw images instead.
-        validate_serving_input=False,
-    )
+def log_trained_model_of(cfg: LogModelConfig) -> LogModelResult:
+    """Rebuild the model of a run that did not log one (a grid point or trial) and log it there.
+
+    Trains again from the run's config.json on the same prepared data and seed (deterministic on
+    a CPU; a head on cached features takes seconds), checks that the rebuilt model's
+    best_val_accuracy is the run's, and logs the whole model with its card as the run's "model".
+    A run that has its model already returns it.
+    """
+    run = _get_run(cfg.run)
+    if run.data.tags.get("model_uri"):
+        return LogModelResult(cfg.run, run.data.tags["model_uri"])
+    values = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
+                            | ({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}))
+    trained = fit(train_cfg, prepared.load(train_cfg.data))
+    best = trained.best_epoch
+    for metric, rebuilt in (("best_val_loss", trained.history["val_loss"][best]),
+                            ("best_val_accuracy", trained.history["val_accuracy"][best])):
+        logged = run.data.metrics.get(metric)
+        if logged is not None and abs(rebuilt - logged) > 1e-5 * max(1.0, abs(logged)):
+            raise PipelineError(f"run {cfg.run}'s model did not rebuild exactly ({metric} {rebuilt:.6f}, logged "
+                                f"{logged:.6f}): it needs the same packages and CPU kind; train it again with "
+                                "log_models=all")
+    with mlflow.start_run(run_id=cfg.run, nested=mlflow.active_run() is not None):
+        model_uri = log_trained(trained)
+    print(f"logged the model of run {cfg.run}: {model_uri}")
+    return LogModelResult(cfg.run, model_uri)
+
+
+def _get_run(run_id: str):
+    try:
+        return mlflow.get_run(run_id)
+    except Exception as e:
+        raise PipelineError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                            f"({type(e).__name__}): pass the id of a train, grid point or trial run") from None

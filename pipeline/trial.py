@@ -48,7 +48,7 @@ class Objective:
         report = ReportEpochs(trial)
         try:
             with tag_new_runs(self._tags(trial)):
-                result = train(point, callbacks=[report])
+                result = train(point, callbacks=[report], log_model=self.job.cfg.log_models == "all")
         except optuna.TrialPruned:
             end_run(report.run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
             raise

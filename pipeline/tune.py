@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import datasets
-from pipeline.config import EvaluateConfig, PipelineError, PrepareConfig, TuneConfig
+from pipeline.config import EvaluateConfig, LogModelConfig, PipelineError, PrepareConfig, TuneConfig
 from pipeline.registry import register
 from pipeline.study import (Job, counted, default_study_name, die_with_parent, enqueue_grid, fail_dead_trials, is_dead,
                             open_study, worker_id)
@@ -73,16 +73,17 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
         run_workers(Job(cfg, name, data.data_uri, parent.info.run_id, experiment, pruner))
         fail_dead_trials(study)  # a worker that crashed leaves its trial RUNNING
         best = _best_trial(study)
-        _log_study(study, best)
-        test_accuracy = _evaluate_once(best, cfg, data.data_uri)
+        model_uri = _best_model(best, cfg)
+        _log_study(study, best, model_uri)
+        test_accuracy = _evaluate_once(best, cfg, data.data_uri, model_uri)
         mlflow.log_metric("test_accuracy", test_accuracy)
-        registered = register(best.user_attrs["model_uri"], cfg.registered_model, if_new=True)
+        registered = register(model_uri, cfg.registered_model, if_new=True)
         mlflow.set_tags({"registered_model": registered.name, "model_version": registered.version,
                          "champion": str(registered.champion)})
     states = [t.state for t in study.get_trials(deepcopy=False)]
     print(f"best trial {best.number}: val_accuracy {best.value:.4f}, test_accuracy {test_accuracy:.4f}, "
           f"params {best.params}")
-    return TuneResult(parent.info.run_id, name, best.number, best.value, best.params, best.user_attrs["model_uri"],
+    return TuneResult(parent.info.run_id, name, best.number, best.value, best.params, model_uri,
                       test_accuracy, registered.uri, states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED))
 
 
@@ -166,13 +167,23 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return study.best_trial
 
 
-def _log_study(study: optuna.Study, best: optuna.trial.FrozenTrial) -> None:
+def _best_model(best: optuna.trial.FrozenTrial, cfg: TuneConfig) -> str:
+    """The best trial's whole model: logged by the trial (log_models=all) or rebuilt and logged now."""
+    from pipeline.train import log_trained_model_of
+
+    if best.user_attrs.get("model_uri"):
+        return best.user_attrs["model_uri"]
+    run_id = best.user_attrs["mlflow_run_id"]
+    return log_trained_model_of(LogModelConfig(run=run_id, cache_dir=cfg.cache_dir)).model_uri
+
+
+def _log_study(study: optuna.Study, best: optuna.trial.FrozenTrial, model_uri: str) -> None:
     """The trials table, Optuna's figures and the best trial, on the active (parent) run."""
     trials = study.get_trials(deepcopy=False)
     mlflow.log_metrics({"best_val_accuracy": best.value, "best_trial": best.number,
                         **{f"n_{s.name.lower()}": sum(t.state == s for t in trials)
                            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}})
-    mlflow.set_tags({"best_run_id": best.user_attrs["mlflow_run_id"], "best_model_uri": best.user_attrs["model_uri"],
+    mlflow.set_tags({"best_run_id": best.user_attrs["mlflow_run_id"], "best_model_uri": model_uri,
                      **{f"best.{k}": str(v) for k, v in best.params.items()}})
     mlflow.log_dict(best.params, "best_params.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +208,7 @@ def _log_figure(study: optuna.Study, figure: str) -> None:
     plt.close(fig)
 
 
-def _evaluate_once(best: optuna.trial.FrozenTrial, cfg: TuneConfig, data_uri: str) -> float:
+def _evaluate_once(best: optuna.trial.FrozenTrial, cfg: TuneConfig, data_uri: str, model_uri: str) -> float:
     """test_accuracy of the best trial's model, evaluated into its run unless it already was."""
     from pipeline.evaluate import evaluate
 
@@ -206,5 +217,5 @@ def _evaluate_once(best: optuna.trial.FrozenTrial, cfg: TuneConfig, data_uri: st
     if "test_accuracy" in known:
         print(f"best trial {best.number} was evaluated before: test_accuracy {known['test_accuracy']:.4f}")
         return known["test_accuracy"]
-    scores = evaluate(cfg.to(EvaluateConfig, model=best.user_attrs["model_uri"], data=data_uri), run_id=run_id)
+    scores = evaluate(cfg.to(EvaluateConfig, model=model_uri, data=data_uri), run_id=run_id)
     return scores.metrics["test_accuracy"]

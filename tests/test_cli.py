@@ -34,6 +34,14 @@ def test_every_mlproject_parameter_reaches_command_cli_and_config(step):
             assert config[name].type(default) == config[name].default == options[name].default, name
 
 
+def test_mlproject_and_readme_table_are_generated_from_the_configs():
+    from pipeline import mlproject
+
+    assert (ROOT / "MLproject").read_text() == mlproject.render(), "run python -m pipeline.mlproject"
+    readme = (ROOT / "README.md").read_text()
+    assert mlproject.with_table(readme) == readme, "run python -m pipeline.mlproject"
+
+
 def test_every_entry_point_has_a_cli_command():
     assert set(MLPROJECT["entry_points"]) == set(cli_module.STEPS)
 
@@ -78,8 +86,9 @@ BAD_VALUES = {
     "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
     "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes",
+    "engine": "onnx", "log_models": "none", "run": "",
 }
-TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner")
+TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner", "log_models")
 
 
 def test_every_check_has_a_bad_value():
@@ -95,6 +104,8 @@ def test_config_rejects_bad_value_in_one_line(name):
         kwargs = {"data": "runs:/x/data"}
     if name in ("input", "output"):
         cls, kwargs = PredictConfig, {"model": "models:/x@champion", "input": "images"}
+    if name == "run":
+        from pipeline.config import LogModelConfig as cls
     with pytest.raises(PipelineError, match=f"invalid {name}=") as e:
         cls(**{**kwargs, name: BAD_VALUES[name]})
     assert "\n" not in str(e.value)

@@ -1,17 +1,23 @@
-"""The frozen-backbone feature cache: same predictions as the live model, never stale."""
+"""The frozen-backbone feature cache and its engines: same predictions as the live model, never
+stale, never damaged, one line when the disk is full."""
+
+import errno
+import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_dataset
 
-from pipeline import datasets
-from pipeline.config import ModelParams
+from pipeline import datasets, engine, features
+from pipeline.config import ModelParams, PipelineError
 from pipeline.data import load_images
-from pipeline.features import FeatureBatches, model_features
+from pipeline.features import Backbone, FeatureBatches, split_features
 from pipeline.model import build_model
 
 pytestmark = pytest.mark.slow
+TF = Backbone("none", 32, 0, "tensorflow", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -21,46 +27,50 @@ def rows(tmp_path_factory):
     return files.assign(label_index=files["label"].map({"cat": 0, "dog": 1, "owl": 2}))
 
 
-def tiny_model(seed=0, image_size=32):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    return build_model(ModelParams(weights="none", image_size=image_size, precision="float32"), 3)
-
-
-def test_cached_and_live_paths_predict_alike(rows, tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("backbone", [TF, replace(TF, engine="openvino"), replace(TF, engine="openvino",
+                                                                                 precision="mixed_bfloat16")])
+def test_cached_features_of_each_engine_predict_as_the_live_model(rows, tmp_path, backbone):
+    model = build_model(ModelParams(weights="none", image_size=32, precision="float32", seed=0), 3)
     live = model.predict(load_images(rows["path"], 32), verbose=0)
-    features, hit = model_features(model, rows, "float32", str(tmp_path))
-    assert not hit and features.dtype == np.float16 and len(features) == len(rows)
-    cached = model.get_layer("head").predict(FeatureBatches(features, rows["label_index"].to_numpy(), 5), verbose=0)
-    np.testing.assert_allclose(cached, live, atol=2e-3)
-    again, hit = model_features(model, rows, "float32", str(tmp_path))
-    assert hit and again is features  # one mapping per process, however many runs read it
+    found = split_features(backbone, rows, str(tmp_path))
+    assert not found.hit and found.array.dtype == np.float16 and len(found.array) == len(rows)
+    assert found.rel_error < engine.MAX_REL_ERROR[backbone.precision]
+    cached = model.get_layer("head").predict(FeatureBatches(found.array, rows["label_index"].to_numpy(), 5), verbose=0)
+    np.testing.assert_allclose(cached, live, atol=2e-3 if backbone.precision == "float32" else 3e-2)
+    assert (cached.argmax(1) == live.argmax(1)).mean() >= 0.99 or backbone.precision != "float32"
+    again = split_features(backbone, rows, str(tmp_path))
+    assert again.hit and again.array is found.array  # one mapping per process, however many runs read it
+    assert found.backbone_digest == features.weights_digest(model.get_layer("resnet50"))
 
 
-def test_changed_rows_weights_or_size_never_reuse_an_entry(rows, tmp_path):
-    model = tiny_model()
-    model_features(model, rows, "float32", str(tmp_path))
-    assert model_features(model, rows.iloc[:-1], "float32", str(tmp_path))[1] is False
+def test_changed_rows_weights_size_engine_or_precision_never_reuse_an_entry(rows, tmp_path):
+    split_features(TF, rows, str(tmp_path))
+    assert not split_features(TF, rows.iloc[:-1], str(tmp_path)).hit
     changed = rows.copy()
     changed.loc[0, "sha1"] = "0" * 40  # one file's content changed
-    assert model_features(model, changed, "float32", str(tmp_path))[1] is False
-    assert model_features(tiny_model(seed=1), rows, "float32", str(tmp_path))[1] is False
-    assert model_features(tiny_model(image_size=40), rows, "float32", str(tmp_path))[1] is False
-    assert model_features(model, rows, "mixed_bfloat16", str(tmp_path))[1] is False
-    assert len(list(tmp_path.iterdir())) == 6
+    assert not split_features(TF, changed, str(tmp_path)).hit
+    for other in (replace(TF, seed=1), replace(TF, image_size=40), replace(TF, precision="mixed_bfloat16"),
+                  replace(TF, engine="openvino")):
+        assert not split_features(other, rows, str(tmp_path)).hit, other
+    assert len(list(tmp_path.iterdir())) == 7
 
 
-def test_truncated_cache_file_is_rebuilt(rows, tmp_path):
-    model = tiny_model()
-    first, _ = model_features(model, rows, "float32", str(tmp_path))
-    expected = np.array(first)
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_truncated_or_overwritten_cache_file_is_rebuilt(rows, tmp_path, damage, capsys):
+    expected = np.array(split_features(TF, rows, str(tmp_path)).array)
     [entry] = list(tmp_path.iterdir())
     data = (entry / "features.npy").read_bytes()
-    (entry / "features.npy").write_bytes(data[: len(data) // 2])
-    rebuilt, hit = model_features(model, rows, "float32", str(tmp_path))
-    assert not hit and np.array_equal(np.array(rebuilt), expected)
+    if damage == "truncate":
+        (entry / "features.npy").write_bytes(data[: len(data) // 2])
+    else:  # same size, NaN features: only the checksum tells
+        nan = np.full(len(data) - 128, 0x7E, np.uint8).tobytes()
+        with open(entry / "features.npy", "r+b") as f:
+            f.seek(128)
+            f.write(nan)
+            os.utime(f.fileno(), ns=(1, 1))
+    rebuilt = split_features(TF, rows, str(tmp_path))
+    assert not rebuilt.hit and np.array_equal(np.array(rebuilt.array), expected)
+    assert ("damaged" in capsys.readouterr().out) == (damage == "garbage")
 
 
 def test_concurrent_extractions_of_one_entry_leave_it_whole(rows, tmp_path, monkeypatch):
@@ -68,34 +78,88 @@ def test_concurrent_extractions_of_one_entry_leave_it_whole(rows, tmp_path, monk
     half-way): both get the features, and one valid entry remains, without temporary files."""
     import keras
 
-    model = tiny_model()
     real_add, started, nested = keras.utils.Progbar.add, [], []
 
     def add_while_another_extracts(self, *args, **kwargs):
         if not started:
             started.append(True)
-            nested.append(model_features(model, rows, "float32", str(tmp_path)))
+            nested.append(split_features(TF, rows, str(tmp_path)))
         return real_add(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.utils.Progbar, "add", add_while_another_extracts)
-    first, hit = model_features(model, rows, "float32", str(tmp_path))
-    [(second, second_hit)] = nested
-    assert not hit and not second_hit and np.array_equal(first, second)
+    first = split_features(TF, rows, str(tmp_path))
+    [second] = nested
+    assert not first.hit and not second.hit and np.array_equal(first.array, second.array)
     [entry] = list(tmp_path.iterdir())
     assert sorted(p.name for p in entry.iterdir()) == ["features.npy", "meta.json"]
     monkeypatch.undo()
-    again, hit = model_features(model, rows, "float32", str(tmp_path))
-    assert hit and np.array_equal(again, first)
+    again = split_features(TF, rows, str(tmp_path))
+    assert again.hit and np.array_equal(again.array, first.array)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_leaves_no_entry(rows, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(PipelineError, match=r"No space left on device.*needs .* MB") as e:
+        split_features(TF, rows, str(tmp_path))
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(rows, tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(PipelineError, match="cannot write the feature cache.*writable folder"):
+        split_features(TF, rows, str(tmp_path / "cache"))
+
+
+def test_non_finite_features_are_refused(rows, tmp_path, monkeypatch):
+    runner, digest, build = features._runner(TF)
+
+    class NaNs(engine.Runner):
+        engine, precision, output_shape = runner.engine, runner.precision, runner.output_shape
+
+        def run(self, batches, out):
+            runner.run(batches, out)
+            if len(out) > features.CHECK_IMAGES:  # not in the check against TensorFlow
+                out[-1] = np.nan
+            return out
+
+    monkeypatch.setattr(features, "_runner", lambda backbone: (NaNs(), digest, build))
+    with pytest.raises(PipelineError, match="non-finite features"):
+        split_features(TF, rows, str(tmp_path), batch_size=4)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_an_engine_past_its_error_bound_stops_in_one_line(rows):
+    runner, _, build = features._runner(TF)
+
+    class Off(engine.Runner):
+        engine, precision, output_shape = "openvino", "float32", runner.output_shape
+
+        def run(self, batches, out):
+            return runner.run(batches, out) * 1.5
+
+    images = load_images(rows["path"][:2], 32)
+    assert engine.check_against_reference(runner, build, images) == 0.0
+    with pytest.raises(PipelineError, match="differs from TensorFlow float32 by 50.00%"):
+        engine.check_against_reference(Off(), build, images)
+
+
+def test_auto_engine_is_openvino_on_a_cpu_where_installed():
+    assert engine.resolve_engine("auto") == ("openvino" if engine.has_openvino() else "tensorflow")
+    assert engine.resolve_engine("tensorflow") == "tensorflow"
 
 
 def test_feature_batches_shuffle_per_epoch_and_keep_pairs():
-    features = np.arange(10, dtype=np.float16)[:, None]
+    values = np.arange(10, dtype=np.float16)[:, None]
     labels = np.arange(10)
-    batches = FeatureBatches(features, labels, 4, seed=0)
+    batches = FeatureBatches(values, labels, 4, seed=0)
     first = np.concatenate([batches[i][1] for i in range(len(batches))])
     batches.on_epoch_end()
     second = np.concatenate([batches[i][1] for i in range(len(batches))])
     assert sorted(first) == sorted(second) == list(range(10)) and list(first) != list(second)
     x, y = batches[0]
     assert x.dtype == np.float16 and np.array_equal(x[:, 0], y)  # the head casts
-    assert pd.Series(np.concatenate([FeatureBatches(features, labels, 3)[i][1] for i in range(4)])).is_monotonic_increasing
+    assert pd.Series(np.concatenate([FeatureBatches(values, labels, 3)[i][1] for i in range(4)])).is_monotonic_increasing

@@ -17,7 +17,7 @@ def test_report_has_the_table_figures_and_champion(trained, tmp_path):
     with mlflow.start_run(experiment_id=experiment_id, run_name="point-3") as other:  # finished, not evaluated
         mlflow.set_tag("step", "train")
         mlflow.log_params({"hidden_layers": 3, "units": 64, "learning_rate": 5e-5})
-        mlflow.log_metrics({"test_accuracy": 0.125, "learning_time_ms": 4567.8})
+        mlflow.log_metrics({"test_accuracy": 0.125, "learning_time_s": 4.5678})
     with mlflow.start_run(experiment_id=experiment_id, run_name="train") as failed:
         mlflow.set_tag("step", "train")
     mlflow.MlflowClient().set_terminated(failed.info.run_id, "FAILED")
@@ -28,7 +28,7 @@ def test_report_has_the_table_figures_and_champion(trained, tmp_path):
     assert out.runs == 2 and out.best_run_id == train_run_id
     assert "| Model | Hidden Layer | Dense Count | Learning Rate | Accuracy | Learning Time(ms) |" in text
     assert (f"| train `{train_run_id[:8]}` | 1 | 8 | 0.001 | {train.metrics['test_accuracy']:.4f} | "
-            f"{train.metrics['learning_time_ms']:.0f} |") in text
+            f"{train.metrics['learning_time_s'] * 1000:.0f} |") in text
     assert f"| point-3 `{other.info.run_id[:8]}` | 3 | 64 | 5e-05 | 0.1250 | 4568 |" in text
     assert failed.info.run_id[:8] not in text
     for figure in ("plots/learning_curves.png", "plots/confusion_matrix.png"):

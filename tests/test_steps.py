@@ -55,7 +55,7 @@ def test_train_logs_params_epochs_time_curves_and_model(main_result):
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(train_run.info.run_id, key)] == [0, 1], key
     metrics = train_run.data.metrics
-    assert metrics["learning_time_ms"] == pytest.approx(metrics["learning_time_s"] * 1000) and metrics["learning_time_s"] > 0
+    assert metrics["learning_time_s"] > 0 and "learning_time_ms" not in metrics  # one learning-time metric
     assert "test_accuracy" in metrics  # copied back by evaluate, for side-by-side comparison
     artifacts = [a.path for a in client.list_artifacts(train_run.info.run_id, "plots")]
     assert artifacts == ["plots/learning_curves.png"]
@@ -66,7 +66,7 @@ def test_train_logs_params_epochs_time_curves_and_model(main_result):
 def test_logged_model_classifies_raw_images_and_describes_itself(main_result, tmp_path):
     _, result = main_result
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
-    meta = pyfunc.metadata.metadata
+    meta = pyfunc.metadata.metadata["card"]
     assert meta["class_names"] == list(CLASSES) and meta["image_size"] == 32
     path = tmp_path / "any_size.png"
     Image.new("RGB", (50, 70), (200, 40, 40)).save(path)
@@ -149,17 +149,17 @@ def test_imagenet_offline_names_the_alternatives(monkeypatch):
     monkeypatch.setattr(keras.utils, "get_file", offline)
     monkeypatch.setattr("keras.src.applications.resnet.file_utils.get_file", offline)
     with pytest.raises(PipelineError, match="weights=none, a weights .h5 file, or a model URI"):
-        model_module.load_backbone("imagenet", 32)
+        model_module.load_backbone("imagenet", 32, seed=0)
 
 
 def test_weights_from_an_earlier_model_uri(main_result):
     _, result = main_result
-    backbone = model_module.load_backbone(result.model_uri, 32)
+    backbone = model_module.load_backbone(result.model_uri, 32, seed=0)
     earlier = mlflow.keras.load_model(result.model_uri).get_layer("resnet50")
     for a, b in zip(backbone.get_weights(), earlier.get_weights()):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(PipelineError, match="cannot take backbone weights"):
-        model_module.load_backbone("runs:/0123456789abcdef/model", 32)
+        model_module.load_backbone("runs:/0123456789abcdef/model", 32, seed=0)
 
 
 def test_image_modes_become_rgb_of_image_size(tmp_path):
