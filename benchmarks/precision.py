@@ -17,14 +17,13 @@ from extraction import blood_cells_rows
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import ModelParams
-from pipeline.features import FeatureBatches, cached_features
-from pipeline.model import build_head, build_model, compile_for_training, feature_extractor
+from pipeline.features import Backbone, FeatureBatches, split_features
+from pipeline.model import build_head, compile_for_training
 
 
 def best_val_accuracy(precision: str, rows, image_size: int, cache: str) -> float:
-    keras.utils.set_random_seed(0)
-    model = build_model(ModelParams(weights="none", image_size=image_size, precision=precision), 4)
-    features, _ = cached_features(rows, feature_extractor(model), precision, cache)
+    cfg = ModelParams(weights="none", image_size=image_size, precision=precision, seed=0)
+    features = split_features(Backbone.of(cfg), rows, cache).array
     labels = rows["label"].astype("category").cat.codes.to_numpy()
     train, val = train_test_split(np.arange(len(rows)), test_size=0.2, random_state=0, stratify=labels)
     train, val = np.sort(train), np.sort(val)

@@ -16,18 +16,18 @@ import numpy as np
 from extraction import blood_cells_rows
 
 from pipeline.config import ModelParams
-from pipeline.features import FeatureBatches, cached_features
-from pipeline.model import build_model, compile_for_training, feature_extractor
+from pipeline.features import Backbone, FeatureBatches, split_features
+from pipeline.model import build_head, compile_for_training
 
 
 def measure(n: int, image_size: int, cache: str) -> tuple[float, float]:
     """(extraction seconds, seconds of one head epoch) for n images."""
     rows = blood_cells_rows(n)
-    model = build_model(ModelParams(weights="none", image_size=image_size), 4)
+    cfg = ModelParams(weights="none", image_size=image_size)
     start = time.perf_counter()
-    features, _ = cached_features(rows, feature_extractor(model), f"scaling-{n}", cache)
+    features = split_features(Backbone.of(cfg), rows, cache).array
     extraction = time.perf_counter() - start
-    head = model.get_layer("head")
+    head = build_head(features.shape[1:], cfg, 4)
     compile_for_training(head, 1e-4)
     labels = np.arange(len(rows)) % 4
     head.fit(FeatureBatches(features, labels, 32, seed=0), epochs=1, verbose=0)  # warm-up epoch

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ def tracking_store(tmp_path_factory):
     working directory); tests keep apart by experiment name."""
     folder = tmp_path_factory.mktemp("mlflow")
     os.chdir(folder)
+    # MLflow downloads artifacts into temporary folders it never removes: keep them in this
+    # session's folder, which pytest deletes (tmp_path_retention_policy in pyproject.toml).
+    (folder / "tmp").mkdir()
+    os.environ["TMPDIR"] = str(folder / "tmp")
+    tempfile.tempdir = None  # read TMPDIR again
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
