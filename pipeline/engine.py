@@ -18,6 +18,7 @@ An engine's output is checked against the TensorFlow float32 model on a few imag
 import functools
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import keras
@@ -85,7 +86,9 @@ class _OpenVINO(Runner):
 
         _telemetry_off()
         size = tuple(model.inputs[0].shape[1:])
-        converted = ov.convert_model(model, input=[(OPENVINO_BATCH, *size)])
+        with warnings.catch_warnings():  # Keras warns that the converter's tracing passes a list, not a dict
+            warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+            converted = ov.convert_model(model, input=[(OPENVINO_BATCH, *size)])
         hint = {"mixed_bfloat16": "bf16", "mixed_float16": "f16"}.get(precision, "f32")
         self.compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
                                                                    "INFERENCE_PRECISION_HINT": hint})

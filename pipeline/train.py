@@ -101,7 +101,7 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
     weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
     if weights and log:
         mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
-    job = _Job(cfg, train_rows, data.split("val"), weights, (*callbacks, _LogEpochs()) if log else tuple(callbacks))
+    job = _Job(cfg, train_rows, data.split("val"), weights, (_LogEpochs(), *callbacks) if log else tuple(callbacks))
     if uses_feature_cache(cfg):
         trained = _fit_head_on_features(job, data, log)
     else:

@@ -32,11 +32,11 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
                      val_fraction=0.25, test_fraction=0.25)
     real_train, calls = pipeline.train.train, []
 
-    def train_then_break(point, *args):
+    def train_then_break(point, *args, **kwargs):
         calls.append(point)
         if len(calls) == 4:
             raise KeyboardInterrupt("stopped half-way")
-        return real_train(point, *args)
+        return real_train(point, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.train, "train", train_then_break)
     with pytest.raises(KeyboardInterrupt):
@@ -57,10 +57,43 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
     assert list(table.columns) == ["Model", "Hidden Layer", "Dense Count", "Learning Rate", "Accuracy",
                                    "Learning Time(ms)"]
     assert table[["Hidden Layer", "Dense Count", "Learning Rate"]].apply(tuple, axis=1).tolist() == list(GRID)
-    best = children.loc[children["metrics.best_val_accuracy"].idxmax()]
+    in_order = children.assign(point=children["tags.grid_point"].astype(int)).sort_values("point")
+    best = in_order.loc[in_order["metrics.best_val_accuracy"].idxmax()]  # ties: the first point
     assert result.best_run_id == best["run_id"]
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions("name = 'shapes-resnet50'")
     assert version.tags["source_run_id"] == best["run_id"]
     assert client.get_model_version_by_alias("shapes-resnet50", "champion").version == version.version
     assert result.registered_model_uri == f"models:/shapes-resnet50/{version.version}"
+    # Only the best point logged a whole model; the others keep what rebuilds theirs.
+    assert children.loc[children["run_id"] != best["run_id"], "tags.model_uri"].isna().all()
+    assert result.best_model_uri == mlflow.get_run(best["run_id"]).data.tags["model_uri"]
+
+
+@pytest.mark.slow
+def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(tmp_path):
+    """A point's whole model, built on demand, scores the test split as the point's head did on
+    cached features: same classes on at least 99% of images (here all), and the same val_loss."""
+    from pipeline.config import EvaluateConfig, LogModelConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.grid import grid
+    from pipeline.train import log_trained_model_of
+
+    root = make_dataset(tmp_path / "rebuildshapes", n=8)
+    cfg = GridConfig(dataset=str(root), experiment="grid-rebuild", weights="none", image_size=32, epochs=2,
+                     batch_size=8, val_fraction=0.25, test_fraction=0.25, registered_model="grid-rebuild")
+    result = grid(cfg)
+    points = mlflow.search_runs(experiment_names=["grid-rebuild"], filter_string="tags.grid_point != ''",
+                                output_format="list")
+    point = next(run for run in points if run.info.run_id != result.best_run_id)
+    logged = log_trained_model_of(LogModelConfig(run=point.info.run_id))
+    assert logged.model_uri == mlflow.get_run(point.info.run_id).data.tags["model_uri"]
+    assert log_trained_model_of(LogModelConfig(run=point.info.run_id)) == logged  # once
+    data_uri = mlflow.get_run(result.run_id).info.artifact_uri + "/data"
+    whole = evaluate(EvaluateConfig(model=logged.model_uri, data=data_uri, feature_cache="off"))
+
+    def predicted(run_id):
+        path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/predictions.csv")
+        return pd.read_csv(path).sort_values("path")["predicted"].to_numpy()
+
+    assert (predicted(whole.run_id) == predicted(point.info.run_id)).mean() >= 0.99

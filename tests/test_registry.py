@@ -69,7 +69,7 @@ def test_champion_trained_on_other_data_keeps_the_alias(trained):
 
 
 def test_register_rejects_an_unknown_model_in_one_line():
-    with pytest.raises(PipelineError, match="cannot register model 'runs:/0123456789abcdef/model'") as e:
+    with pytest.raises(PipelineError, match="cannot read model 'runs:/0123456789abcdef/model'") as e:
         register("runs:/0123456789abcdef/model")
     assert "\n" not in str(e.value)
 
