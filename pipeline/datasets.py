@@ -4,6 +4,7 @@ No TensorFlow here: this is plain file work, so prepare and the tests stay light
 """
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -308,6 +309,39 @@ def check_images(files: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, p
                          reason=[checked.get(i, ("", listed[i]))[1] for i in files.index])
     bad = files["reason"] != ""
     return files[~bad].drop(columns="reason").reset_index(drop=True), files[bad].drop(columns="sha1")
+
+
+def verify(rows: pd.DataFrame, what: str = "the prepared data", workers: int = 8) -> pd.DataFrame:
+    """rows (path and sha1 columns) if every file still has the content prepare saw, else a
+    one-line error naming the changed and missing files: training on other images than the
+    manifest lists would make its digest, and every result that cites it, wrong.
+
+    A file is hashed once per process while its size, mtime and inode stay the same."""
+    with ThreadPoolExecutor(workers) as pool:
+        now = list(pool.map(_current_sha1, rows["path"]))
+    bad = [(path, "missing" if sha1 is None else "changed")
+           for path, sha1, then in zip(rows["path"], now, rows["sha1"]) if sha1 != then]
+    if bad:
+        examples = ", ".join(f"{printable(path)} {how}" for path, how in bad[:3])
+        raise PipelineError(f"{len(bad)} of {len(rows)} image(s) of {what} changed or missing since prepare "
+                            f"({examples}{', ...' if len(bad) > 3 else ''}): run prepare again")
+    return rows
+
+
+def _current_sha1(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _sha1(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=2**17)
+def _sha1(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def cap(files: pd.DataFrame, max_per_class: int, seed: int) -> pd.DataFrame:

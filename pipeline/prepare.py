@@ -11,6 +11,7 @@ from pipeline import datasets
 from pipeline.config import PipelineError, PrepareConfig
 from pipeline.keys import class_keys
 from pipeline.prepared import ARTIFACT_PATH, PreparedData
+from pipeline.storage import ensure_space, local_folder
 from pipeline.tracking import step_run
 
 
@@ -61,6 +62,8 @@ def _log(data: PreparedData, counts: pd.DataFrame, skipped: pd.DataFrame) -> Non
         data.save(Path(tmp))
         counts.to_csv(Path(tmp) / "counts.csv")
         skipped.to_csv(Path(tmp) / "skipped.csv", index=False)
+        if (folder := local_folder(mlflow.get_artifact_uri())) is not None:
+            ensure_space(folder, sum(f.stat().st_size for f in Path(tmp).iterdir()), "the prepared data")
         mlflow.log_artifacts(tmp, ARTIFACT_PATH)
     mlflow.log_input(data.mlflow_dataset(), context="prepare")
     mlflow.set_tag("data_digest", data.digest)
