@@ -48,7 +48,7 @@ def write_error(exc: BaseException) -> str | None:
             detail = e.strerror if isinstance(e, OSError) else next(s for s in SQLITE_DENIED if s in text)
             verb = "write or read" if isinstance(e, OSError) and e.errno != errno.EROFS else "write"
             if isinstance(e, OSError) and e.filename:
-                what, folder = "", _existing(Path(os.fsdecode(e.filename)).parent)
+                what, folder = "", Path(os.fsdecode(e.filename)).parent
             else:
                 unwritable = {k: v for k, v in _folders().items() if not os.access(_existing(v), os.W_OK)}
                 what, folder = next(iter(unwritable.items() or _folders().items()))
