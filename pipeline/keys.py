@@ -6,7 +6,7 @@ MLflow keys take ASCII letters, digits, `_ - . /` and spaces, up to 250 characte
 `.`/`..` path segments. A class name that is already such a key (no slash, no leading dot or
 space, at most MAX_VERBATIM characters) is its own key; any other becomes its ASCII
 transliteration with the remaining characters as `_`, plus `-` and a hash of the name, so that
-two names never share a key: `Zelltyp (größer)?` -> `Zelltyp_grosser_-3f9a1c`.
+two names never share a key: `Zelltyp (größer)?` -> `Zelltyp_groer-c442b0`.
 """
 
 import hashlib
