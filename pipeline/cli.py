@@ -13,6 +13,7 @@ import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
                              ReportConfig, TrainConfig, TuneConfig)
+from pipeline.storage import check_store, quiet_store_errors, write_error
 
 # command -> (config class, module:function, one-line help)
 STEPS = {
@@ -54,6 +55,8 @@ def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with one_line_errors():
         cfg = cls(**options)  # before function(target), whose module may import TensorFlow
+        check_store()
+        quiet_store_errors()
         return function(target)(cfg)
 
 
@@ -65,11 +68,17 @@ def function(target: str):
 
 @contextmanager
 def one_line_errors():
-    """A PipelineError becomes click's `Error: ...` line and a non-zero exit, no traceback."""
+    """A PipelineError, or a write that failed for lack of space or permission (pipeline.storage),
+    becomes click's `Error: ...` line and a non-zero exit, no traceback."""
     try:
         yield
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
+    except Exception as e:
+        message = write_error(e)
+        if message is None:
+            raise
+        raise click.ClickException(message) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

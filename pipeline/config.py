@@ -44,33 +44,49 @@ def _weights_ok(v):
     return v in ("imagenet", "none") or bool(URI_SCHEME.match(v)) or os.path.isfile(v)
 
 
+def _within(low, high):
+    """A check that the value lies in [low, high] (NaN never does)."""
+    return lambda v: low <= v <= high
+
+
+SEED_MAX = 2**32 - 1  # NumPy, scikit-learn and TensorFlow take seeds below 2**32
+IMAGE_SIZE_MAX = 2048
+UNITS_MAX = 65536
+HIDDEN_LAYERS_MAX = 100
+BATCH_SIZE_MAX = 4096
+EPOCHS_MAX = 10000
+
 # name -> (is the value fine?, what a fine value looks like). Applied to every config that has the field.
+# Every range here is the parameter's documented range (README, parameter table).
 CHECKS = {
     "dataset": (bool, f"must be a preset ({', '.join(PRESETS)}) or a folder of class subfolders"),
     "split": (lambda v: v in SPLITS, f"must be one of {', '.join(SPLITS)}"),
     "val_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
     "test_fraction": (lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.2"),
-    "max_per_class": (lambda v: v >= 0, "must be 0 (no cap) or a positive number of images"),
-    "image_size": (lambda v: v >= 32, "must be at least 32 pixels (ResNet50's smallest input), e.g. 224"),
+    "seed": (_within(0, SEED_MAX), f"must be a whole number from 0 to 2**32-1 ({SEED_MAX}), e.g. 42"),
+    "max_per_class": (_within(0, 10**9), "must be 0 (no cap) or a positive number of images up to 10**9"),
+    "image_size": (_within(32, IMAGE_SIZE_MAX), f"must be from 32 (ResNet50's smallest input) to "
+                                                f"{IMAGE_SIZE_MAX} pixels, e.g. 224"),
     "weights": (_weights_ok, "must be imagenet, none, an existing weights file, or a model URI such as runs:/<id>/model"),
     "fine_tune": (_fine_tune_ok, "must be none (frozen backbone), all, or a positive number of top layers"),
     "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
     "precision": (lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
     "feature_cache": (lambda v: v in FEATURE_CACHE, f"must be one of {', '.join(FEATURE_CACHE)}"),
-    "units": (lambda v: v > 0, "must be a positive number of dense units, e.g. 8"),
-    "hidden_layers": (lambda v: v >= 0, "must be 0 or more dense layers, e.g. 1"),
+    "units": (_within(1, UNITS_MAX), f"must be from 1 to {UNITS_MAX} dense units, e.g. 8"),
+    "hidden_layers": (_within(0, HIDDEN_LAYERS_MAX), f"must be from 0 to {HIDDEN_LAYERS_MAX} dense layers, e.g. 1"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.5"),
     "learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
-    "epochs": (lambda v: v > 0, "must be a positive number of epochs"),
-    "batch_size": (lambda v: v > 0, "must be a positive batch size, e.g. 32"),
-    "patience": (lambda v: v > 0, "must be a positive number of epochs without improvement"),
+    "epochs": (_within(1, EPOCHS_MAX), f"must be from 1 to {EPOCHS_MAX} epochs"),
+    "batch_size": (_within(1, BATCH_SIZE_MAX), f"must be from 1 to {BATCH_SIZE_MAX} images, e.g. 32"),
+    "patience": (_within(1, EPOCHS_MAX), f"must be from 1 to {EPOCHS_MAX} epochs without improvement"),
     "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
     "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
-    "finetune_epochs": (lambda v: v >= 0, "must be 0 (one phase) or a number of epochs for phase 2, e.g. 5"),
+    "finetune_epochs": (_within(0, EPOCHS_MAX), f"must be 0 (one phase) or a number of epochs for phase 2 up to "
+                                                f"{EPOCHS_MAX}, e.g. 5"),
     "finetune_learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
-    "n_trials": (lambda v: v > 0, "must be a positive number of trials for the study to reach, e.g. 50"),
-    "timeout": (lambda v: v >= 0, "must be 0 (no limit) or a positive number of seconds"),
-    "workers": (lambda v: v > 0, "must be a positive number of worker processes, e.g. 1"),
+    "n_trials": (_within(1, 100000), "must be from 1 to 100000 trials for the study to reach, e.g. 50"),
+    "timeout": (_within(0, 10**7), "must be 0 (no limit) or a number of seconds up to 10**7"),
+    "workers": (_within(1, 64), "must be from 1 to 64 worker processes, e.g. 1"),
     "storage": (bool, "is required: a sqlite file (optuna.db), a *.journal file or a database URL"),
     "pruner": (lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
     "engine": (lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
@@ -148,6 +164,7 @@ class ModelParams(_Config):
         if self.finetune_epochs and self.fine_tune == "none":
             raise PipelineError(f"invalid finetune_epochs={self.finetune_epochs} with fine_tune='none': phase 2 "
                                 "unfreezes fine_tune's layers; set fine_tune=all or a number of top layers")
+        check_memory(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,3 +245,62 @@ class PredictConfig(_Config):
 class ReportConfig(_Registry, _Experiment):
     dataset: str = param("blood_cells", "dataset whose experiment is reported: a preset name or a folder")
     output: str = param("report.md", "Markdown file to write; its figures go to plots/ beside it")
+
+
+# ResNet50 (no top) per input pixel: the floats of all its layers' outputs, and of its largest
+# one (counted from keras.applications.ResNet50 at 224 px), and its number of weights.
+RESNET50_ACTIVATIONS_PER_PIXEL = 737
+RESNET50_LARGEST_PER_PIXEL = 16.6
+RESNET50_WEIGHTS = 23_587_712
+RUNTIME_BYTES = 2**30  # TensorFlow, MLflow and the Python process itself
+
+
+def memory_needed(cfg: ModelParams) -> dict[str, float]:
+    """Bytes a training run of cfg needs at least, by part (float32 throughout, as a lower bound).
+
+    backbone: its weights, plus per batch either every layer's output (kept for the gradients
+    when any backbone layer trains) or a few of its largest outputs (frozen: inference only).
+    head: weights, gradients and Adam's two moments of the dense layers (the first one's input
+    is the flattened feature map: (image_size/32)^2 x 2048 values with pooling=flatten).
+    """
+    pixels = cfg.image_size ** 2
+    trains_backbone = cfg.fine_tune != "none"
+    per_image = RESNET50_ACTIVATIONS_PER_PIXEL if trains_backbone else 3 * RESNET50_LARGEST_PER_PIXEL
+    side = -(-cfg.image_size // 32)
+    features = side * side * 2048 if cfg.pooling == "flatten" else 2048
+    widths = [features] + [cfg.units] * cfg.hidden_layers
+    head_weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 2  # the output layer, 2+ classes
+    return {"runtime": RUNTIME_BYTES,
+            "backbone": 4 * (RESNET50_WEIGHTS * (4 if trains_backbone else 1) + cfg.batch_size * per_image * pixels),
+            "head": 16 * head_weights + 4 * cfg.batch_size * features}
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, or the cgroup's limit if lower; None if unknown."""
+    values = []
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        values.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            values.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return min(values) if values else None
+
+
+def check_memory(cfg: ModelParams, available: int | None = None) -> None:
+    """Refuse, in one line, a configuration whose memory_needed exceeds the available memory."""
+    available = available_memory() if available is None else available
+    parts = memory_needed(cfg)
+    if available is None or sum(parts.values()) <= available:
+        return
+    gb = lambda n: f"{n / 2**30:,.1f} GB"  # noqa: E731
+    raise PipelineError(
+        f"image_size={cfg.image_size}, batch_size={cfg.batch_size}, units={cfg.units}, "
+        f"hidden_layers={cfg.hidden_layers}, pooling={cfg.pooling}, fine_tune={cfg.fine_tune} need at least "
+        f"{gb(sum(parts.values()))} of memory ({', '.join(f'{k} {gb(v)}' for k, v in parts.items())}) but "
+        f"{gb(available)} is available: lower image_size, batch_size or units, or use pooling=avg")

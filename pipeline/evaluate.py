@@ -1,6 +1,5 @@
 """Step 3: score a logged model on the test split. The only step that reads the test split."""
 
-import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pipeline.config import EvaluateConfig, PipelineError
 from pipeline.data import make_dataset
 from pipeline.engine import compile_model, resolve_engine
 from pipeline.features import Backbone, FeatureBatches, split_features
+from pipeline.keys import class_keys
 from pipeline.model import builder_of, resolve_precision
 from pipeline.plots import confusion_matrix
 from pipeline.tracking import step_run
@@ -47,8 +47,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     if len(np.unique(y_true)) == len(labels):
         scores = probs[:, 1] if len(labels) == 2 else probs
         out["test_roc_auc"] = skm.roc_auc_score(y_true, scores, multi_class="ovr", labels=labels)
+    keys = class_keys(class_names)
     for i, name in enumerate(class_names):
-        key = re.sub(r"[^\w\-. /]", "_", name)
+        key = keys[name]
         out |= {f"test_precision/{key}": p[i], f"test_recall/{key}": r[i], f"test_f1/{key}": f1[i]}
     cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
     return {k: float(v) for k, v in out.items()}, pd.DataFrame(cm, index=class_names, columns=class_names)

@@ -9,7 +9,9 @@ import pandas as pd
 
 from pipeline import datasets
 from pipeline.config import PipelineError, PrepareConfig
+from pipeline.keys import class_keys
 from pipeline.prepared import ARTIFACT_PATH, PreparedData
+from pipeline.storage import ensure_space, local_folder
 from pipeline.tracking import step_run
 
 
@@ -28,8 +30,10 @@ def prepare(cfg: PrepareConfig, run_id: str | None = None) -> PrepareResult:
 
     Logs: data/manifest.csv, data/dataset.json, data/counts.csv, data/skipped.csv; the manifest
     as an MLflow dataset input with its content digest; metrics n_train, n_val, n_test,
-    n_skipped and count/<split>/<class>. Fails before starting a run if the dataset is missing
-    or has fewer than two classes or an empty class folder.
+    n_skipped and count/<split>/<class> (the class's key of pipeline.keys). Fails before
+    starting a run if the dataset is missing or has fewer than two classes or an empty class
+    folder. An official validation folder (valid/, validation/ or val/ beside train/) is the val
+    split unless split=random; the output says where each split came from.
     """
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     files = datasets.scan(source)
@@ -41,7 +45,7 @@ def prepare(cfg: PrepareConfig, run_id: str | None = None) -> PrepareResult:
         data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest)
         counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "val", "test"])
         _log(data, counts, skipped)
-    print(counts.to_string(), f"\nskipped {len(skipped)} unreadable file(s)" if len(skipped) else "")
+    _print(counts, datasets.split_sources(usable, cfg.split), skipped)
     return PrepareResult(run.info.run_id, f"runs:/{run.info.run_id}/{ARTIFACT_PATH}", data.digest, counts,
                          len(skipped))
 
@@ -58,9 +62,21 @@ def _log(data: PreparedData, counts: pd.DataFrame, skipped: pd.DataFrame) -> Non
         data.save(Path(tmp))
         counts.to_csv(Path(tmp) / "counts.csv")
         skipped.to_csv(Path(tmp) / "skipped.csv", index=False)
+        if (folder := local_folder(mlflow.get_artifact_uri())) is not None:
+            ensure_space(folder, sum(f.stat().st_size for f in Path(tmp).iterdir()), "the prepared data")
         mlflow.log_artifacts(tmp, ARTIFACT_PATH)
     mlflow.log_input(data.mlflow_dataset(), context="prepare")
     mlflow.set_tag("data_digest", data.digest)
     totals = {f"n_{split}": int(n) for split, n in counts.sum().items()}
-    per_class = {f"count/{split}/{label}": int(n) for split in counts for label, n in counts[split].items()}
+    keys = class_keys(counts.index)
+    per_class = {f"count/{split}/{keys[label]}": int(n) for split in counts for label, n in counts[split].items()}
     mlflow.log_metrics({**totals, **per_class, "n_skipped": len(skipped)})
+
+
+def _print(counts: pd.DataFrame, sources: dict[str, str], skipped: pd.DataFrame) -> None:
+    print(counts.to_string())
+    print("; ".join(f"{split}: {how}" for split, how in sources.items()))
+    if len(skipped):
+        reasons = skipped["reason"].str.split(":").str[0].value_counts()
+        print(f"skipped {len(skipped)} file(s), listed in data/skipped.csv: "
+              + ", ".join(f"{n} {why}" for why, n in reasons.items()))

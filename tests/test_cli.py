@@ -80,7 +80,7 @@ def test_wrong_type_is_a_usage_error():
 
 
 BAD_VALUES = {
-    "dataset": "", "split": "x", "val_fraction": 1.0, "test_fraction": 0.0, "max_per_class": -1, "image_size": 16,
+    "dataset": "", "split": "x", "seed": -1, "val_fraction": 1.0, "test_fraction": 0.0, "max_per_class": -1, "image_size": 16,
     "weights": "/no/such/file.h5", "fine_tune": "-3", "pooling": "max", "units": 0, "hidden_layers": -1,
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
     "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
