@@ -123,11 +123,12 @@ def end(run_id: str, status: str, reason: str, optuna_state: str | None = None) 
     client.set_terminated(run_id, status)
 
 
-def take(run) -> bool:
-    """Claim a run that ended without finishing (FAILED or KILLED): True for exactly one of the
-    processes that try at once (the param pipeline.taken.<end time> can be logged only once)."""
+def take(run, owner: str | None = None) -> bool:
+    """Claim a run that ended without finishing (FAILED or KILLED) for owner (this process): True
+    for exactly one of the processes that try at once (the param pipeline.taken.<end time> can be
+    logged only once; again by the same owner, it is the same value)."""
     try:
-        mlflow.MlflowClient().log_param(run.info.run_id, f"pipeline.taken.{run.info.end_time}", owner_key())
+        mlflow.MlflowClient().log_param(run.info.run_id, f"pipeline.taken.{run.info.end_time}", owner or owner_key())
         return True
     except MlflowException:
         return False
