@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -44,14 +45,14 @@ def wait_until(ready, seconds: float, what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
+def postgres():
     """A PostgreSQL server on 127.0.0.1 and a free port, its data in a temp folder; yields a URL
     factory url(database) that creates the database. Stopped and removed at the end."""
     if not shutil.which("initdb") or not shutil.which("pg_ctl"):
         pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
     import psycopg
 
-    folder = tmp_path_factory.mktemp("postgres")
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-postgres-"))  # pytest's own temp folders are root's only
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(folder, "postgres")
@@ -115,7 +116,7 @@ def finish(processes: list[subprocess.Popen], logs: list[Path], seconds: float =
 
 @pytest.mark.slow
 def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking_server):
-    storage, n_trials = postgres("optuna_three"), 8
+    storage, n_trials = postgres("optuna_three"), 7
     root = make_dataset(tmp_path / "teamshapes", n=8)
     env = {"MLFLOW_TRACKING_URI": tracking_server}
     args = ["tune", "--dataset", str(root), "--storage", storage, "--study-name", "team", "--n-trials", str(n_trials),
