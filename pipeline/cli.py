@@ -6,6 +6,7 @@ argument errors answer at once.
 """
 
 import importlib
+import signal
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
@@ -57,6 +58,8 @@ def run_step(cls, target: str, options: dict):
         cfg = cls(**options)  # before function(target), whose module may import TensorFlow
         check_store()
         quiet_store_errors()
+        from pipeline.liveness import stop_on_signals
+        stop_on_signals()  # SIGTERM and SIGINT end the open runs KILLED, resumable
         return function(target)(cfg)
 
 
@@ -68,12 +71,19 @@ def function(target: str):
 
 @contextmanager
 def one_line_errors():
-    """A PipelineError, or a write that failed for lack of space or permission (pipeline.storage),
-    becomes click's `Error: ...` line and a non-zero exit, no traceback."""
+    """A PipelineError, a write that failed for lack of space or permission (pipeline.storage), or
+    a stop by SIGTERM or SIGINT becomes click's `Error: ...` line and a non-zero exit (130 for
+    SIGINT, 143 for SIGTERM), no traceback."""
     try:
         yield
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt as e:
+        signame = getattr(e, "signame", "SIGINT")
+        stop = click.ClickException(f"stopped by {signame}: its runs are marked KILLED; "
+                                    "run the same command again to continue")
+        stop.exit_code = 128 + getattr(signal.Signals, signame).value
+        raise stop from None
     except Exception as e:
         message = write_error(e)
         if message is None:

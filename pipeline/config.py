@@ -92,6 +92,8 @@ CHECKS = {
     "engine": (lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
     "log_models": (lambda v: v in LOG_MODELS, "must be best (a full model for the search's best run only) or all"),
     "run": (bool, "is required: the id of a train, grid point or trial run"),
+    "heartbeat_interval": (lambda v: v > 0, "must be a positive number of seconds between a trial's heartbeats, e.g. 60"),
+    "grace_period": (lambda v: v > 0, "must be a positive number of seconds, longer than heartbeat_interval, e.g. 180"),
     "data": (bool, "is required: the prepared-data URI that prepare printed (runs:/<id>/data)"),
     "model": (bool, "is required: a model URI such as runs:/<id>/model or models:/<name>@champion"),
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
@@ -224,9 +226,15 @@ class TuneConfig(_Search, MainConfig):
     storage: str = param("optuna.db", "Optuna storage: a sqlite file, a *.journal file, or a database URL")
     study_name: str = param("", "Optuna study; default: <dataset>-<digest of the settings>, so a rerun resumes it")
     pruner: str = param("median", "stops poor trials early: median (of earlier trials, same epoch), hyperband, none")
+    heartbeat_interval: int = param(60, "seconds between a running trial's heartbeats in the storage")
+    grace_period: int = param(180, "seconds without a heartbeat after which a trial of any machine counts as dead, "
+                                   "is failed and retried")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.grace_period <= self.heartbeat_interval:
+            raise PipelineError(f"invalid grace_period={self.grace_period}: must be longer than heartbeat_interval="
+                                f"{self.heartbeat_interval}, e.g. three times it")
         if self.weights == "none" and self.fine_tune != "none":
             raise PipelineError(f"invalid fine_tune={self.fine_tune!r} with weights=none: tune unfreezes only a "
                                 "pretrained backbone; use fine_tune=none, or pretrained weights")

@@ -4,11 +4,15 @@ Every point shares the data, epochs, seed and weights; with a frozen backbone th
 one feature extraction (pipeline.features), so the grid costs one backbone pass plus seven
 small heads. A point already finished for the same data and settings (tag grid_key) is reused,
 so a grid that stopped half-way continues where it stopped.
+
+One grid runs per settings at a time, on any number of machines: the parent run is claimed
+(pipeline.tracking.claim), a second command with the same settings waits for the first to end,
+then reuses its points; a parent whose process died is continued by exactly one command. So a
+point is never trained twice at once, and a finished search is registered once.
 """
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,7 +24,7 @@ from pipeline import datasets
 from pipeline.config import EvaluateConfig, GridConfig, PrepareConfig, TrainConfig
 from pipeline.plots import grid_chart
 from pipeline.registry import register
-from pipeline.tracking import step_run
+from pipeline.tracking import claim, step_run
 
 # (hidden layers, dense units, learning rate) of the studies' runs 1 to 7.
 GRID = ((1, 8, 1e-5), (1, 16, 1e-5), (1, 32, 1e-5), (2, 8, 1e-5), (3, 8, 1e-5), (1, 8, 5e-5), (1, 8, 1e-4))
@@ -57,7 +61,8 @@ def grid(cfg: GridConfig) -> GridResult:
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     datasets.scan(source)  # fail before any run starts
     settings = _key(cfg, source.name)
-    with step_run("grid", cfg, source.name, run_id=_interrupted_parent(cfg.experiment or source.name, settings)) as parent:
+    parent_id = claim(cfg.experiment or source.name, {"step": "grid", "grid_settings": settings}, "grid", exclusive=True)
+    with step_run("grid", cfg, source.name, run_id=parent_id) as parent:
         mlflow.set_tags({"step": "grid", "grid_settings": settings})
         data = prepare(cfg.to(PrepareConfig), run_id=parent.info.run_id)
         rows, best = [], None
@@ -125,26 +130,6 @@ def _key(cfg, data: str) -> str:
     """Same data and same settings give the same key; data is a content digest or a dataset name."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("data", "experiment", "cache_dir")}
     return hashlib.sha256(json.dumps([data, settings], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _interrupted_parent(experiment: str, settings: str) -> str | None:
-    """The latest grid run with these settings that did not finish, to continue in; its children
-    still marked RUNNING (a killed process) are marked KILLED. None under `mlflow run`, which
-    makes the parent run itself."""
-    found = mlflow.get_experiment_by_name(experiment)
-    if os.environ.get("MLFLOW_RUN_ID") or found is None:
-        return None
-    client = mlflow.MlflowClient()
-    runs = client.search_runs([found.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.grid_settings = '{settings}' and attributes.status != 'FINISHED'")
-    if not runs:
-        return None
-    parent = runs[0].info.run_id
-    stale = f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
-    for child in client.search_runs([found.experiment_id], filter_string=stale):
-        client.set_terminated(child.info.run_id, "KILLED")
-    print(f"continuing the interrupted grid run {parent}")
-    return parent
 
 
 def _row(number: int, point: TrainConfig, run_id: str, model_uri: str, metrics: dict) -> dict:

@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline import datasets
 from pipeline.config import PipelineError, PrepareConfig
 from pipeline.keys import class_keys
-from pipeline.prepared import ARTIFACT_PATH, PreparedData
+from pipeline.prepared import ARTIFACT_PATH, PreparedData, data_root
 from pipeline.storage import ensure_space, local_folder
 from pipeline.tracking import step_run
 
@@ -42,7 +42,8 @@ def prepare(cfg: PrepareConfig, run_id: str | None = None) -> PrepareResult:
         usable, skipped = datasets.check_images(files)
         _require_every_class(files, usable)
         manifest = datasets.split(usable, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest)
+        data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest,
+                            root=data_root(source))
         counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "val", "test"])
         _log(data, counts, skipped)
     _print(counts, datasets.split_sources(usable, cfg.split), skipped)

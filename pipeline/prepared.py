@@ -1,10 +1,16 @@
 """The prepared data that prepare logs and train and evaluate read back, by URI.
 
 A prepared-data folder holds manifest.csv (path, label, split, sha1) and dataset.json (name,
-digest, class names, counts). Steps hand each other its URI (runs:/<prepare run>/data).
+digest, class names, root). Steps hand each other its URI (runs:/<prepare run>/data).
+
+Manifest paths are relative to the data root, the folder that holds the dataset (for a preset
+the folder given as data_dir or $PIPELINE_DATA_DIR; for a folder dataset its parent), so data
+prepared on one machine trains on another: each machine finds the images under its own
+$PIPELINE_DATA_DIR (or $PIPELINE_DATA_DIR/<name>), else under the root recorded at prepare.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +28,8 @@ class PreparedData:
     name: str
     digest: str
     class_names: list[str]
-    manifest: pd.DataFrame
+    manifest: pd.DataFrame  # absolute paths on this machine
+    root: str = ""  # the data root the manifest's paths were made relative to, on the preparing machine
 
     def split(self, name: str) -> pd.DataFrame:
         """Rows of one split with a label_index column in class_names order; fails in one line if
@@ -35,9 +42,39 @@ class PreparedData:
         return mlflow.data.from_pandas(frame, name=self.name, digest=self.digest, targets="label")
 
     def save(self, folder: Path) -> None:
-        self.manifest.to_csv(folder / "manifest.csv", index=False)
-        info = {"name": self.name, "digest": self.digest, "class_names": self.class_names}
+        """manifest.csv with paths relative to root, and dataset.json."""
+        relative = self.manifest["path"].map(lambda p: os.path.relpath(p, self.root)) if self.root else None
+        self.manifest.assign(**({"path": relative} if self.root else {})).to_csv(folder / "manifest.csv", index=False)
+        info = {"name": self.name, "digest": self.digest, "class_names": self.class_names, "root": self.root}
         (folder / "dataset.json").write_text(json.dumps(info, indent=2))
+
+
+def data_root(source) -> str:
+    """The folder a dataset's manifest paths are relative to: for a preset the folder holding its
+    Kaggle layout (<data_dir> or <data_dir>/<name>), for a folder dataset the folder's parent."""
+    from pipeline.datasets import PRESETS
+
+    top = Path(os.path.commonpath([source.train, *([source.test] if source.test else [])]))
+    preset = PRESETS.get(source.name)
+    layout = Path(preset.root).parts if preset else ()
+    if layout and top.parts[-len(layout):] == layout:
+        return str(Path(*top.parts[:-len(layout)]))
+    return str(top.parent)
+
+
+def _resolve(manifest: pd.DataFrame, name: str, root: str) -> pd.DataFrame:
+    """The manifest with absolute paths of this machine: relative paths are looked for under
+    $PIPELINE_DATA_DIR, $PIPELINE_DATA_DIR/<name>, then the root recorded at prepare."""
+    if not root or manifest.empty:
+        return manifest
+    env = os.environ.get("PIPELINE_DATA_DIR", "")
+    candidates = [*([env, os.path.join(env, name)] if env else []), root]
+    first = manifest["path"].iloc[0]
+    for base in candidates:
+        if os.path.isfile(os.path.join(base, first)):
+            return manifest.assign(path=[os.path.join(base, p) for p in manifest["path"]])
+    raise PipelineError(f"the images of prepared data {name!r} are not on this machine: {first} is under none of "
+                        f"{', '.join(candidates)}; set PIPELINE_DATA_DIR to the folder that holds them here")
 
 
 def load(uri: str) -> PreparedData:
@@ -60,4 +97,5 @@ def load(uri: str) -> PreparedData:
     if not intact:
         raise PipelineError(f"prepared data at {uri!r}: manifest.csv does not match the digest in dataset.json "
                             f"(damaged or half-written): {hint}")
-    return PreparedData(info["name"], info["digest"], info["class_names"], manifest)
+    root = info.get("root", "")  # absent in data prepared before paths were relative: absolute paths
+    return PreparedData(info["name"], info["digest"], info["class_names"], _resolve(manifest, info["name"], root), root)

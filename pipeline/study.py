@@ -1,21 +1,34 @@
-"""The Optuna side of tune: storage, search space, the grid's points first, dead trials, counting.
+"""The Optuna side of tune: storage and its lock, search space, the grid's points first, dead
+trials, counting.
 
-A trial records the process that runs it (user attr `process`, host:pid), so that a later run
-on the same host can tell a trial whose process died (kill -9, power loss) from one that
-another worker is still running, and mark only the dead one FAIL.
+A trial records the process that runs it (user attrs `process`, host:pid, and `owner_key`, see
+pipeline.liveness) and beats: Optuna's own heartbeat on an RDB storage (heartbeat_interval,
+grace_period), a `heartbeat` user attr on a journal. A trial whose process died is failed
+(at once on its host, after the grace period anywhere), its MLflow run ended FAILED with the
+reason, and it is retried (RetryHeartbeatStaleTrialCallback) unless it is a grid point already
+queued again. Everything that must happen once (tables, the study, the grid's queue, asking
+for a trial, failing a dead one) happens under the storage's lock (`locked`).
 """
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
 import signal
 import socket
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import mlflow
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
+
+from pipeline import liveness
 
 from pipeline.config import URI_SCHEME, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import GRID
@@ -33,7 +46,11 @@ FINE_TUNES = ("none", "10", "32", "all")  # ResNet50's top block is 10 layers, i
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Settings that say how the study runs or where results go, not what a trial does.
 RUN_ONLY = ("experiment", "registered_model", "data_dir", "cache_dir", "n_trials", "timeout", "workers", "storage",
-            "study_name")
+            "study_name", "heartbeat_interval", "grace_period")
+LOCK_KEY, LOCK_NAME = 0x5E5A_0050, "resnet50-pipeline"  # the storage lock's key (PostgreSQL) and name (MySQL)
+MAX_RETRY = 2  # a trial whose process dies is run again at most this often
+# Optuna 4.9 renamed RetryFailedTrialCallback; both retry a dead trial as a WAITING copy.
+RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
 @dataclass(frozen=True)
@@ -56,35 +73,102 @@ def default_study_name(cfg: TuneConfig, dataset: str) -> str:
     return f"{dataset}-{hashlib.sha256(json.dumps([dataset, settings], sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def open_storage(storage: str):
-    """An Optuna storage: a *.journal path is a JournalStorage (file-locked: several processes on
-    one machine); a URL (sqlite:///, postgresql://, mysql://) is used as it is; any other path is
-    a sqlite file."""
+@contextmanager
+def locked(storage: str):
+    """The storage's own lock, held by one process at a time on every machine that reaches it: a
+    PostgreSQL advisory lock, a MySQL named lock, or a lock file beside a sqlite or journal file.
+    Held while tables and the study are created and the grid enqueued, while a trial is asked
+    for, and while dead trials are failed: so each happens once however many commands start."""
+    url = _url(storage)
+    if url is None or url.startswith("sqlite"):
+        path = Path(storage) if url is None else Path(sqlalchemy.engine.make_url(url).database or "memory")
+        with open(f"{path.resolve()}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        return
+    statements = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+                  "mysql": ("SELECT GET_LOCK(:name, 31536000)", "SELECT RELEASE_LOCK(:name)")}
+    dialect = sqlalchemy.engine.make_url(url).get_backend_name()
+    if dialect not in statements:
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    values = {"key": LOCK_KEY, "name": LOCK_NAME}
     try:
-        if storage.endswith(".journal") and not URI_SCHEME.match(storage):
-            backend = optuna.storages.journal.JournalFileBackend(str(Path(storage).resolve()))
-            return optuna.storages.JournalStorage(backend)
-        url = storage if URI_SCHEME.match(storage) else f"sqlite:///{Path(storage).resolve()}"
-        # A waiting writer retries for 60 s instead of failing at once when another worker holds the lock.
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(statements[dialect][0]), values)
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(statements[dialect][1]), values)
+    finally:
+        engine.dispose()
+
+
+def _url(storage: str) -> str | None:
+    """storage as a database URL; None for a journal file."""
+    if storage.endswith(".journal") and not URI_SCHEME.match(storage):
+        return None
+    return storage if URI_SCHEME.match(storage) else f"sqlite:///{Path(storage).resolve()}"
+
+
+def open_storage(storage: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
+    """An Optuna storage: a *.journal path is a JournalStorage (file-locked: several processes on
+    one machine, or on a shared file system); a URL (sqlite:///, postgresql+psycopg://,
+    mysql+pymysql://) an RDBStorage, with Optuna's trial heartbeat when heartbeat_interval is
+    given; any other path a sqlite file. Opened under the storage's lock: several processes
+    creating the tables of a fresh database at once would collide."""
+    url = _url(storage)
+    try:
+        with locked(storage):
+            if url is None:
+                backend = optuna.storages.journal.JournalFileBackend(str(Path(storage).resolve()))
+                return optuna.storages.JournalStorage(backend)
+            # A waiting writer retries for 60 s instead of failing at once when another worker holds the lock.
+            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period,
+                                                  heartbeat_stale_trial_callback=on_dead_trial if heartbeat_interval
+                                                  else None)
     except Exception as e:
         raise PipelineError(f"cannot open the Optuna storage {storage!r} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}): pass a sqlite file such as optuna.db, "
-                            "a *.journal file, or a database URL such as postgresql://host/db") from None
+                            f"{str(e).splitlines()[0] if str(e) else ''}): {_storage_hint(storage)}") from None
 
 
-def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.pruners.BasePruner | None = None
-               ) -> optuna.Study:
+def _storage_hint(storage: str) -> str:
+    """A fix that works for this storage, not the URL that just failed."""
+    if storage.startswith(("postgres", "mysql")):
+        driver = "psycopg" if storage.startswith("postgres") else "pymysql"
+        try:
+            __import__(driver)
+        except ImportError:
+            extra = "postgres" if driver == "psycopg" else "mysql"
+            return f"install the driver with pip install -e \".[{extra}]\" (or pip install {driver})"
+        return ("check that the server runs and that host, port, user and database are right, e.g. "
+                "postgresql+psycopg://optuna@dbhost:5432/optuna (password in ~/.pgpass or PGPASSWORD)")
+    return ("pass a sqlite file such as optuna.db, a *.journal file, or a database URL such as "
+            "postgresql+psycopg://user@host/db")
+
+
+def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.pruners.BasePruner | None = None,
+               enqueue: bool = False) -> optuna.Study:
     """Create or load the study `name` in cfg.storage: maximise validation accuracy with TPE (the
     grid's points are its start-up trials; constant liar keeps parallel workers apart) and pruner,
-    by default cfg.pruner's.
+    by default cfg.pruner's. enqueue: also queue the grid's points (enqueue_grid), under the
+    storage's lock, so that commands starting together queue them once.
 
     The sampler's seed follows cfg.seed, the worker and the trials so far: a fresh study is
     reproducible, while a resumed one or a second worker does not repeat the first one's draws.
     """
-    study = optuna.create_study(storage=open_storage(cfg.storage), study_name=name, direction="maximize",
-                                pruner=pruner or make_pruner(cfg), load_if_exists=True)
+    storage = open_storage(cfg.storage, cfg.heartbeat_interval, cfg.grace_period)
+    with locked(cfg.storage):
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                    pruner=pruner or make_pruner(cfg), load_if_exists=True)
+        if enqueue:
+            fail_dead_trials(study)
+            enqueue_grid(study, cfg)
     seed = int(hashlib.sha256(f"{cfg.seed}/{worker}/{len(study.trials)}".encode()).hexdigest()[:8], 16)
     study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=len(GRID), constant_liar=True)
     return study
@@ -131,15 +215,21 @@ def grid_params(cfg: TuneConfig) -> list[dict]:
 
 def enqueue_grid(study: optuna.Study, cfg: TuneConfig) -> int:
     """Queue each grid point (user attr grid_point 1..7) not yet waiting, running or finished; a
-    point whose trial failed is queued again. Returns how many were queued."""
-    alive = (TrialState.WAITING, TrialState.RUNNING, *FINISHED)
-    present = {t.user_attrs.get("grid_point") for t in study.get_trials(deepcopy=False, states=alive)}
+    point whose trial failed is queued again. Call under the storage's lock (open_study does), so
+    that commands starting together queue each point once. Returns how many were queued."""
+    present = grid_points_present(study)
     queued = 0
     for number, params in enumerate(grid_params(cfg), start=1):
         if number not in present:
             study.enqueue_trial(params, user_attrs={"grid_point": number})
             queued += 1
     return queued
+
+
+def grid_points_present(study: optuna.Study) -> set[int]:
+    """Grid points with a trial waiting, running or finished."""
+    alive = (TrialState.WAITING, TrialState.RUNNING, *FINISHED)
+    return {t.user_attrs.get("grid_point") for t in study.get_trials(deepcopy=False, states=alive)} - {None}
 
 
 def worker_id() -> str:
@@ -156,34 +246,67 @@ def die_with_parent() -> None:
         pass
 
 
-def is_dead(process: str) -> bool:
-    """Whether a process recorded by worker_id() is one of this host that no longer runs. A
-    process of another host is never declared dead from here."""
-    host, _, pid = process.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if Path("/proc/self").exists():  # Linux: a killed process not yet reaped (a zombie) is dead too
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except OSError:
-            return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
+def claim_trial(trial: optuna.Trial, worker: str, cfg: TuneConfig) -> None:
+    """Record who runs the trial, first thing after asking (under the lock): a retried trial
+    inherits its dead predecessor's attrs, which must not make it look dead itself."""
+    attrs = {"process": worker_id(), "worker": worker, "owner_key": liveness.owner_key(), "grace": cfg.grace_period}
+    if _optuna_beats(trial.study):
+        trial.study._storage.record_heartbeat(trial._trial_id)
+    else:
+        attrs["heartbeat"] = time.time()
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def _optuna_beats(study: optuna.Study) -> bool:
+    storage = study._storage
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+def beat(trial: optuna.Trial):
+    """The trial's heartbeat: Optuna's on an RDB storage, the `heartbeat` user attr elsewhere."""
+    if _optuna_beats(trial.study):
+        return lambda: trial.study._storage.record_heartbeat(trial._trial_id)
+    return lambda: trial.set_user_attr("heartbeat", time.time())
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL the RUNNING trials whose process (user attr `process`, host:pid) died; their numbers."""
-    dead = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if is_dead(t.user_attrs.get("process", ""))]
-    for number in dead:
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-        print(f"trial {number}: its process is gone, marked FAIL")
-    return dead
+    """Fail the RUNNING trials whose process died: of this host at once (user attr owner_key), of
+    any host once their heartbeat is older than the grace period (Optuna's on an RDB storage, the
+    user attr on a journal). Each goes through on_dead_trial. Call under the storage's lock.
+    Returns their numbers."""
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if _trial_is_dead(t)]
+    for trial in dead:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        on_dead_trial(study, study.get_trials(deepcopy=False)[trial.number], "its process is gone")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        optuna.storages.fail_stale_trials(study)  # RDB: calls on_dead_trial for each
+        stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before
+    return sorted({t.number for t in dead} | stale)
+
+
+def _trial_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
+    """Its process is of this host and gone, or (journal) its heartbeat attr is older than its grace."""
+    attrs = trial.user_attrs
+    return "owner_key" in attrs and liveness.is_dead(attrs["owner_key"], attrs.get("heartbeat"), attrs.get("grace"))
+
+
+def on_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str = "") -> None:
+    """A trial failed because its process died: end its MLflow run FAILED, tagged with why, and
+    queue it again (RetryHeartbeatStaleTrialCallback, at most MAX_RETRY times) unless it is a grid
+    point queued again already."""
+    why = why or f"no heartbeat from {trial.user_attrs.get('process', 'its process')} within the grace period"
+    print(f"trial {trial.number}: {why}, marked FAIL", flush=True)
+    query = (f"tags.optuna_study = '{study.study_name}' and tags.optuna_trial = '{trial.number}' "
+             "and attributes.status = 'RUNNING'")
+    for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
+        liveness.end(run.info.run_id, "FAILED", f"trial {trial.number} failed: {why}", optuna_state="RUNNING")
+    if trial.user_attrs.get("grid_point") not in grid_points_present(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RETRY(max_retry=MAX_RETRY)(study, trial)
 
 
 def counted(study: optuna.Study) -> int:

@@ -1,20 +1,27 @@
 """Where a step's MLflow run goes, and how its config is recorded.
 
 MLflow's own default tracking store is used (sqlite mlflow.db in the working directory) unless
-MLFLOW_TRACKING_URI says otherwise.
+MLFLOW_TRACKING_URI says otherwise. Every run a step starts carries its owner and a heartbeat
+(pipeline.liveness), so that a run whose process died is recognised and ended by the next command.
 """
 
 import os
+import random
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 
 import mlflow
 
+from pipeline import liveness
+
 
 @contextmanager
 def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: str | None = None):
-    """Run one step in an MLflow run and yield it; the run ends FAILED if the step raises.
+    """Run one step in an MLflow run and yield it; the run ends FAILED if the step raises, KILLED
+    if SIGTERM or SIGINT stops it (see `ended`). Before a top-level run starts, the RUNNING runs of
+    dead processes are marked FAILED (pipeline.liveness.reap).
 
     Inside another run (main, grid) the step's run is nested under it. Under `mlflow run` the run
     that MLflow made (MLFLOW_RUN_ID) is used. Otherwise a new run starts in the experiment
@@ -27,6 +34,9 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
         log_config(cfg, f"config_{step}.json")
         yield parent
         return
+    if not parent:
+        liveness.reap()  # runs left RUNNING by processes that are gone: FAILED, before anything starts
+    resumed = bool(run_id and mlflow.get_run(run_id).data.tags.get("step"))
     if run_id:
         run = mlflow.start_run(run_id=run_id, nested=parent is not None)
     elif parent:
@@ -39,13 +49,89 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
     else:
         mlflow.set_experiment(cfg.experiment or dataset)
         run = mlflow.start_run(run_name=run_name or step)
-    with run:
-        if run_id:
-            log_config(cfg, f"config_{step}.json")
-        else:
-            mlflow.set_tags({"step": step, "dataset": dataset})
-            log_config(cfg)
+    mlflow.set_tags(liveness.owner_tags())
+    if resumed:
+        log_config(cfg, f"config_{step}.json")
+    else:
+        mlflow.set_tags({"step": step, "dataset": dataset})
+        log_config(cfg)
+    with ended(run), liveness.heartbeat(run.info.run_id):
         yield run
+
+
+@contextmanager
+def ended(run):
+    """End the run FINISHED; FAILED if the block raises; KILLED if it was stopped (SIGTERM, SIGINT),
+    with the reason as tag pipeline.end_reason."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        _end(run, "KILLED", str(e) or "stopped by SIGINT")
+        raise
+    except BaseException as e:
+        _end(run, "FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    _end(run, "FINISHED")
+
+
+def _end(run, status: str, reason: str = "") -> None:
+    run_id = run.info.run_id
+    if reason:
+        mlflow.MlflowClient().set_tag(run_id, liveness.REASON, reason[:5000])
+    active = mlflow.active_run()
+    if active and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def claim(experiment: str, tags: dict[str, str], step: str, exclusive: bool, poll_s: float = 5.0) -> str | None:
+    """The run a grid or tune command logs to, among the runs tagged `tags`: the one way a parent
+    run is claimed. Returns its id (the experiment made active), or None for "start a new one".
+
+    A live run (RUNNING, its owner alive: pipeline.liveness) is never taken over. The latest one
+    that ended without finishing (its process stopped, died, or failed) is continued by exactly
+    one command (liveness.take). exclusive (grid): while a live run holds these tags the command
+    waits for it to end; otherwise it creates the run itself, and if another command did the same
+    at that moment both withdraw and try again after a random pause, so only one ever runs.
+    Not exclusive (tune: several commands may share a study): a new run is started instead.
+    Under `mlflow run` (MLFLOW_RUN_ID) MLflow made the run: None.
+    """
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    client = mlflow.MlflowClient()
+    found = mlflow.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    mlflow.set_experiment(experiment_id=experiment_id)  # MLflow resumes a run only in the active experiment
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    waiting = None
+    while True:
+        liveness.reap([experiment_id])
+        runs = client.search_runs([experiment_id], f"{query} and attributes.status != 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+        live = [r for r in runs if r.info.status == "RUNNING"]
+        ended = [r for r in runs if r.info.status != "RUNNING"
+                 and f"pipeline.taken.{r.info.end_time}" not in r.data.params]
+        if exclusive and live:
+            if waiting != live[0].info.run_id:
+                waiting = live[0].info.run_id
+                print(f"waiting for {step} run {waiting} of {live[0].data.tags.get(liveness.OWNER, '?')}, "
+                      "which has the same settings, to end", flush=True)
+            time.sleep(poll_s)
+        elif ended:
+            if liveness.take(ended[0]):
+                print(f"continuing the interrupted {step} run {ended[0].info.run_id}")
+                return ended[0].info.run_id
+        elif not exclusive:
+            return None
+        else:
+            run = client.create_run(experiment_id, tags={**tags, **liveness.owner_tags()}, run_name=step)
+            rivals = client.search_runs([experiment_id], f"{query} and attributes.status = 'RUNNING'")
+            if [r.info.run_id for r in rivals] == [run.info.run_id]:
+                return run.info.run_id
+            client.set_terminated(run.info.run_id, "KILLED")
+            client.delete_run(run.info.run_id)
+            time.sleep(random.uniform(0.2, 2.0))
 
 
 def log_config(cfg, artifact: str = "config.json") -> None:

@@ -8,27 +8,61 @@ clearing the Keras session does not give all of it back. The price is the interp
 
 import json
 import os
+import signal
+import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import keras
 import mlflow
 import optuna
+from optuna.trial import TrialState
 
 from pipeline.config import TrainConfig
-from pipeline.study import Job, counted, die_with_parent, open_study, print_trial, suggest, worker_id
+from pipeline.liveness import Stopped, beating, stop_on_signals
+from pipeline.study import (Job, beat, claim_trial, counted, die_with_parent, fail_dead_trials, locked, open_study,
+                            print_trial, suggest, worker_id)
 
 
 def run_trial(job: Job, worker: str, index: int) -> None:
     """Process entry point: run one trial of the study unless it has job.cfg.n_trials already
-    (finished or running, other workers' included: counted just before asking, to overshoot
-    as little as possible). worker: the worker process (host:pid) that started this one."""
+    (finished or running, other workers' included). Dead trials are failed, the count taken and
+    the trial asked for under the storage's lock, so that workers starting together never run
+    more than n_trials. The trial beats (pipeline.study.beat) while it trains. SIGTERM or SIGINT
+    end it FAIL, its run KILLED, and the process with 128 + the signal's number, quietly.
+    worker: the worker process (host:pid) that started this one."""
     die_with_parent()
+    stop_on_signals()
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent, not this trial's run
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # print_trial reports the trial instead
-    study = open_study(job.cfg, job.study_name, worker=index, pruner=job.pruner)
-    if counted(study) < job.cfg.n_trials:
-        study.optimize(Objective(job, worker), n_trials=1, callbacks=[print_trial])
+    # Ask-and-tell is how the lock can cover asking; the trial beats all the same (study.beat).
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used", UserWarning)
+    try:
+        study = open_study(job.cfg, job.study_name, worker=index, pruner=job.pruner)
+        with locked(job.cfg.storage):
+            fail_dead_trials(study)
+            if counted(study) >= job.cfg.n_trials:
+                return
+            trial = study.ask()
+            claim_trial(trial, worker, job.cfg)
+        print_trial(study, _run(trial, Objective(job, worker), job.cfg.heartbeat_interval))
+    except Stopped as e:
+        sys.exit(128 + getattr(signal.Signals, e.signame).value)
+
+
+def _run(trial: optuna.Trial, objective, interval: int) -> optuna.trial.FrozenTrial:
+    """Run the objective, beating, and tell Optuna how it ended: COMPLETE, PRUNED, or FAIL (and
+    raise: a stop, or an error whose traceback the worker's output shows)."""
+    try:
+        with beating(beat(trial), interval):
+            value = objective(trial)
+    except optuna.TrialPruned:
+        return trial.study.tell(trial, state=TrialState.PRUNED)
+    except BaseException:
+        print_trial(trial.study, trial.study.tell(trial, state=TrialState.FAIL))
+        raise
+    return trial.study.tell(trial, value)
 
 
 class Objective:
@@ -39,11 +73,10 @@ class Objective:
         self.base = job.cfg.to(TrainConfig, data=job.data_uri, experiment=job.experiment)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """The trial's best_val_accuracy; raises TrialPruned when pruned. Its run ends FINISHED
+        (optuna_state COMPLETE), KILLED (PRUNED, or stopped by a signal: FAIL), or FAILED (FAIL)."""
         from pipeline.train import train
 
-        # First of all: a trial whose process is gone is then recognised (pipeline.study.is_dead).
-        trial.set_user_attr("process", worker_id())
-        trial.set_user_attr("worker", self.worker)
         point = suggest(trial, self.base, self.job.cfg.weights)
         report = ReportEpochs(trial)
         try:
@@ -51,6 +84,9 @@ class Objective:
                 result = train(point, callbacks=[report], log_model=self.job.cfg.log_models == "all")
         except optuna.TrialPruned:
             end_run(report.run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
+            raise
+        except KeyboardInterrupt:
+            end_run(report.run_id, "FAIL")  # train's step_run ended it KILLED, with the reason
             raise
         except BaseException:
             end_run(report.run_id, "FAIL", "FAILED")

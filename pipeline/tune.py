@@ -8,7 +8,8 @@ several processes, here or on other machines, can work on it at once.
 """
 
 import multiprocessing
-import os
+import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -23,10 +24,11 @@ from optuna.trial import TrialState
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, LogModelConfig, PipelineError, PrepareConfig, TuneConfig
 from pipeline.registry import register
-from pipeline.study import (Job, counted, default_study_name, die_with_parent, enqueue_grid, fail_dead_trials, is_dead,
-                            open_study, worker_id)
-from pipeline.tracking import step_run
+from pipeline.liveness import Stopped, stop_on_signals
+from pipeline.study import Job, counted, default_study_name, die_with_parent, fail_dead_trials, locked, open_study, worker_id
+from pipeline.tracking import claim, step_run
 
+POLL_S = 2  # how often a worker with nothing to start looks at the study again
 FIGURES = ("plot_optimization_history", "plot_param_importances", "plot_parallel_coordinate")
 
 
@@ -63,21 +65,21 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     datasets.scan(source)  # fail before any run starts
     name = default_study_name(cfg, source.name)
-    study = open_study(cfg, name)  # a bad storage fails here too
-    with step_run("tune", cfg, source.name, run_id=_interrupted_parent(cfg.experiment or source.name, name)) as parent:
+    study = open_study(cfg, name, enqueue=True)  # a bad storage fails here too; the grid is queued once
+    parent_id = claim(cfg.experiment or source.name, {"step": "tune", "optuna_study": name}, "tune", exclusive=False)
+    with step_run("tune", cfg, source.name, run_id=parent_id) as parent:
         mlflow.set_tags({"step": "tune", "optuna_study": name})
-        _fail_dead(study, parent.info.experiment_id, name)
         data = prepare(cfg.to(PrepareConfig), run_id=parent.info.run_id)
-        enqueue_grid(study, cfg)
         experiment = mlflow.get_experiment(parent.info.experiment_id).name
         run_workers(Job(cfg, name, data.data_uri, parent.info.run_id, experiment, pruner))
-        fail_dead_trials(study)  # a worker that crashed leaves its trial RUNNING
-        best = _best_trial(study)
-        model_uri = _best_model(best, cfg)
-        _log_study(study, best, model_uri)
-        test_accuracy = _evaluate_once(best, cfg, data.data_uri, model_uri)
-        mlflow.log_metric("test_accuracy", test_accuracy)
-        registered = register(model_uri, cfg.registered_model, if_new=True)
+        with locked(cfg.storage):  # one command at a time: the best is evaluated and registered once
+            fail_dead_trials(study)  # a worker that crashed leaves its trial RUNNING
+            best = _best_trial(study)
+            model_uri = _best_model(best, cfg)
+            _log_study(study, best, model_uri)
+            test_accuracy = _evaluate_once(best, cfg, data.data_uri, model_uri)
+            mlflow.log_metric("test_accuracy", test_accuracy)
+            registered = register(model_uri, cfg.registered_model, if_new=True)
         mlflow.set_tags({"registered_model": registered.name, "model_version": registered.version,
                          "champion": str(registered.champion)})
     states = [t.state for t in study.get_trials(deepcopy=False)]
@@ -107,57 +109,46 @@ def run_workers(job: Job) -> None:
 
 def _spawned_worker(job: Job, index: int) -> None:
     die_with_parent()
-    work(job, index)
+    stop_on_signals()
+    try:
+        work(job, index)
+    except Stopped as e:
+        sys.exit(128 + getattr(signal.Signals, e.signame).value)
 
 
 def work(job: Job, index: int) -> None:
-    """A worker: run trials, each in a fresh process (pipeline.trial), until the study has
-    n_trials finished or running ones (other workers' count too) or cfg.timeout has passed.
-    Several processes, here or elsewhere, may work on one study at once."""
+    """A worker: run trials, each in a fresh process (pipeline.trial), until the study is done
+    (n_trials finished, none running: other workers' trials, here or on other machines, count,
+    and a worker waits for them, since a dead one is failed and retried) or cfg.timeout has passed.
+    A stop (SIGTERM, SIGINT) is passed on to the running trial, which ends cleanly first."""
     from pipeline.trial import run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, me = open_study(job.cfg, job.study_name), worker_id()
     context, start = multiprocessing.get_context("spawn"), time.monotonic()
-    while counted(study) < job.cfg.n_trials:
+    while True:
         if job.cfg.timeout and time.monotonic() - start > job.cfg.timeout:
             print(f"{me}: timeout of {job.cfg.timeout} s reached, starting no more trials")
             return
+        with locked(job.cfg.storage):
+            fail_dead_trials(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if counted(study) - running >= job.cfg.n_trials and not running:
+            return
+        if counted(study) >= job.cfg.n_trials:
+            time.sleep(POLL_S)  # other workers' trials decide whether one more is needed
+            continue
         trial = context.Process(target=run_trial, args=(job, me, index), name="tune trial")
         trial.start()
-        trial.join()
+        try:
+            trial.join()
+        except KeyboardInterrupt:
+            trial.terminate()  # SIGTERM: the trial ends its run and tells Optuna before it exits
+            trial.join()
+            raise
         if trial.exitcode != 0:
-            fail_dead_trials(study)
             raise PipelineError(f"a trial's process stopped with exit code {trial.exitcode} (its output is above); "
                                 "run the same command again to continue the study")
-
-
-def _interrupted_parent(experiment: str, study_name: str) -> str | None:
-    """The latest tune run of this study that did not finish, to continue in; None under
-    `mlflow run`, which makes the parent run itself (the study resumes all the same)."""
-    found = mlflow.get_experiment_by_name(experiment)
-    if os.environ.get("MLFLOW_RUN_ID") or found is None:
-        return None
-    runs = mlflow.MlflowClient().search_runs(
-        [found.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.step = 'tune' and tags.optuna_study = '{study_name}' and attributes.status != 'FINISHED'")
-    if not runs:
-        return None
-    print(f"continuing the interrupted tune run {runs[0].info.run_id}")
-    mlflow.set_experiment(experiment_id=found.experiment_id)  # MLflow resumes a run only in the active experiment
-    return runs[0].info.run_id
-
-
-def _fail_dead(study: optuna.Study, experiment_id: str, study_name: str) -> None:
-    """Trials, and their runs, left RUNNING by a process of this host that died: FAIL and FAILED."""
-    from pipeline.trial import end_run
-
-    fail_dead_trials(study)
-    client = mlflow.MlflowClient()
-    running = f"tags.optuna_study = '{study_name}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment_id], filter_string=running):
-        if is_dead(run.data.tags.get("optuna_process", "")):
-            end_run(run.info.run_id, "FAIL", "FAILED")
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

@@ -85,10 +85,10 @@ BAD_VALUES = {
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
     "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
-    "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes",
-    "engine": "onnx", "log_models": "none", "run": "",
+    "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes", "heartbeat_interval": 0,
+    "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "",
 }
-TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner", "log_models")
+TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner", "heartbeat_interval", "grace_period", "log_models")
 
 
 def test_every_check_has_a_bad_value():

@@ -17,8 +17,8 @@ from conftest import make_dataset
 from optuna.trial import TrialState
 
 from pipeline.config import PipelineError, TrainConfig, TuneConfig
-from pipeline.study import (enqueue_grid, fail_dead_trials, grid_params, is_dead, open_storage, open_study, suggest,
-                            worker_id)
+from pipeline.liveness import is_dead, owner_key
+from pipeline.study import enqueue_grid, fail_dead_trials, grid_params, open_storage, open_study, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 5, "val_fraction": 0.25,
@@ -99,13 +99,17 @@ def test_search_space_and_fine_tune_only_with_pretrained_weights():
 
 
 def test_only_trials_of_dead_processes_of_this_host_are_failed(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone_key = owner_key(gone.pid)
+    gone.kill()
+    gone.wait()
     study = open_study(tiny_config(tmp_path, tmp_path / "optuna.db"), "dead")
-    workers = [f"{socket.gethostname()}:{gone.stdout.strip()}", worker_id(), "another-host:1"]
-    for worker in workers:
-        study.ask().set_user_attr("process", worker)
+    for key in (gone_key, owner_key(), "another-host|ns|boot|1|1"):
+        study.ask().set_user_attr("owner_key", key)
     assert fail_dead_trials(study) == [0]
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
+                                                     TrialState.WAITING]  # trial 0, retried
+    assert study.get_trials()[3].system_attrs["failed_trial"] == 0
 
 
 def test_storage_forms(tmp_path):
@@ -200,7 +204,7 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     assert [t.number for t in trials] == [0, 1, 2]
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["worker"] == f"{socket.gethostname()}:{first.pid}"
-    assert is_dead(trials[1].user_attrs["process"])  # its trial process died with the worker
+    assert is_dead(trials[1].user_attrs["owner_key"])  # its trial process died with the worker
     assert trials[2].params == grid_params(cfg)[2]
     waiting = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg.storage)).get_trials(
         states=(TrialState.WAITING,))

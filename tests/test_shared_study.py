@@ -1,0 +1,196 @@
+"""One study shared by many commands against the real thing: a throw-away PostgreSQL (initdb,
+pg_ctl) for Optuna and the MLflow tracking server, and a real `mlflow server` with proxied
+artifacts. Skipped, with one line, where no PostgreSQL binary exists. Also: prepared data that
+moves between machines (data roots)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from conftest import make_dataset
+from optuna.trial import TrialState
+
+from pipeline import prepared
+from pipeline.config import PipelineError, PrepareConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
+        "--test-fraction", "0.25"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if ready():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not start within {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 and a free port, its data in a temp folder; yields a URL
+    factory url(database) that creates the database. Stopped and removed at the end."""
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
+    import psycopg
+
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-postgres-"))  # pytest's own temp folders are root's only
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    port, data = free_port(), folder / "data"
+    subprocess.run([*as_postgres, "initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_postgres, "pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "start", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"],
+                   check=True, capture_output=True)
+
+    def url(database: str) -> str:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{database}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+
+    try:
+        yield url
+    finally:
+        subprocess.run([*as_postgres, "pg_ctl", "-D", str(data), "-w", "stop", "-m", "immediate"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory):
+    """`mlflow server` with a PostgreSQL backend and proxied artifacts in a temp folder; its URL."""
+    folder, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres("mlflow"),
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2"], stdout=open(folder / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 120, f"mlflow server ({(folder / 'log')})")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def command(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, cwd=log.parent,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def finish(processes: list[subprocess.Popen], logs: list[Path], seconds: float = 900) -> None:
+    deadline = time.time() + seconds
+    for process, log in zip(processes, logs):
+        process.wait(timeout=max(1, deadline - time.time()))
+        assert process.returncode == 0, log.read_text()[-4000:]
+        assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking_server):
+    storage, n_trials = postgres("optuna_three"), 7
+    root = make_dataset(tmp_path / "teamshapes", n=8)
+    env = {"MLFLOW_TRACKING_URI": tracking_server}
+    args = ["tune", "--dataset", str(root), "--storage", storage, "--study-name", "team", "--n-trials", str(n_trials),
+            "--heartbeat-interval", "2", "--grace-period", "8", "--pruner", "none", *TINY]
+    logs = [tmp_path / f"tune-{i}.log" for i in range(3)]
+    processes = [command(args, env, log) for log in logs]  # within one second, on a fresh database
+    mlflow.set_tracking_uri(tracking_server)
+    try:
+        victim = processes[2]
+        running = f"tags.optuna_worker = '{socket.gethostname()}:{victim.pid}' and attributes.status = 'RUNNING'"
+        wait_until(lambda: victim.poll() is not None or len(mlflow.search_runs(
+            search_all_experiments=True, filter_string=running + " and tags.step = 'train'")), 300, "a trial")
+        assert victim.poll() is None, logs[2].read_text()[-3000:]
+        victim.kill()  # SIGKILL in the middle of a trial
+        finish(processes[:2], logs[:2])
+
+        study = optuna.load_study(study_name="team", storage=storage)
+        trials = study.get_trials()
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(finished) == n_trials
+        assert sorted(t.user_attrs["grid_point"] for t in finished if "grid_point" in t.user_attrs) == list(range(1, 8))
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        assert failed and all(t.user_attrs["worker"] == f"{socket.gethostname()}:{victim.pid}" for t in failed)
+        runs = mlflow.search_runs(experiment_names=["teamshapes"])
+        assert not (runs["status"] == "RUNNING").any()
+        dead = runs[runs["tags.optuna_trial"].isin([str(t.number) for t in failed])]
+        assert (dead["status"] == "FAILED").all() and dead["tags.pipeline.end_reason"].notna().all()
+        versions = mlflow.MlflowClient().search_model_versions("name = 'teamshapes-resnet50'")
+        assert len(versions) == 1
+        best = study.best_trial
+        assert versions[0].tags["source_run_id"] == best.user_attrs["mlflow_run_id"]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.mark.slow
+def test_two_grid_commands_at_once_train_seven_points_and_register_once(tmp_path, tracking_server):
+    root = make_dataset(tmp_path / "gridtwins", n=8)
+    args = ["grid", "--dataset", str(root), *TINY]
+    logs = [tmp_path / f"grid-{i}.log" for i in range(2)]
+    finish([command(args, {"MLFLOW_TRACKING_URI": tracking_server}, log) for log in logs], logs)
+    mlflow.set_tracking_uri(tracking_server)
+    try:
+        runs = mlflow.search_runs(experiment_names=["gridtwins"])
+        points = runs[runs["tags.step"] == "train"]
+        assert len(points) == 7 and sorted(points["tags.grid_point"].astype(int)) == list(range(1, 8))
+        assert (runs["status"] == "FINISHED").all()
+        assert len(mlflow.MlflowClient().search_model_versions("name = 'gridtwins-resnet50'")) == 1
+        assert sum("waiting for grid run" in log.read_text() for log in logs) == 1
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_data_prepared_under_one_root_trains_from_another(tmp_path, monkeypatch):
+    from pipeline.prepare import prepare
+
+    root_a = tmp_path / "machine-a"
+    make_dataset(root_a / "movingshapes", n=4)
+    result = prepare(PrepareConfig(dataset=str(root_a / "movingshapes"), val_fraction=0.25, test_fraction=0.25))
+    manifest = pd.read_csv(mlflow.artifacts.download_artifacts(f"{result.data_uri}/manifest.csv"))
+    assert not manifest["path"].str.startswith("/").any()  # relative: movingshapes/<class>/<file>
+
+    root_b = tmp_path / "machine-b"
+    shutil.move(root_a, root_b)
+    monkeypatch.setenv("PIPELINE_DATA_DIR", str(root_b))
+    data = prepared.load(result.data_uri)
+    assert data.manifest["path"].map(os.path.isfile).all()
+    assert data.manifest["path"].str.startswith(str(root_b)).all()
+
+    monkeypatch.setenv("PIPELINE_DATA_DIR", str(tmp_path / "machine-c"))
+    with pytest.raises(PipelineError, match="set PIPELINE_DATA_DIR to the folder that holds them here") as e:
+        prepared.load(result.data_uri)
+    assert "machine-c" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,124 @@
+"""Stops: SIGTERM and SIGINT end a command's runs KILLED with one line and no traceback; after
+SIGKILL the next command marks the runs of the dead process FAILED, with the reason; nothing
+takes over a live run."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import make_dataset
+
+from pipeline import liveness
+from pipeline.tracking import claim
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--weights", "none", "--image-size", "32", "--epochs", "30", "--patience", "30", "--batch-size", "8",
+        "--val-fraction", "0.25", "--test-fraction", "0.25"]
+
+
+def dead_owner_key() -> str:
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    key = liveness.owner_key(gone.pid)
+    gone.kill()
+    gone.wait()
+    return key
+
+
+def test_owners_are_judged_by_pid_here_and_by_heartbeat_elsewhere():
+    assert not liveness.is_dead(liveness.owner_key())
+    assert liveness.is_dead(dead_owner_key())
+    other = "elsewhere|ns|boot|1|1"
+    assert not liveness.is_dead(other) and not liveness.is_dead(other, time.time() - 50, 60)
+    assert liveness.is_dead(other, time.time() - 61, 60)
+
+
+def test_reap_fails_runs_of_dead_owners_only_with_the_reason():
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("reap-only-dead")
+    stale = {**liveness.owner_tags(), liveness.OWNER_KEY: "elsewhere|ns|boot|7|1", liveness.OWNER: "elsewhere:7",
+             liveness.HEARTBEAT: str(int(time.time()) - 600)}
+    runs = {name: client.create_run(experiment, tags=tags).info.run_id for name, tags in {
+        "alive": liveness.owner_tags(), "gone": {**liveness.owner_tags(), liveness.OWNER_KEY: dead_owner_key()},
+        "silent": stale, "unknown": {}}.items()}
+    assert sorted(liveness.reap([experiment])) == sorted([runs["gone"], runs["silent"]])
+    status = {name: client.get_run(run_id) for name, run_id in runs.items()}
+    assert {n: r.info.status for n, r in status.items()} == {"alive": "RUNNING", "gone": "FAILED",
+                                                             "silent": "FAILED", "unknown": "RUNNING"}
+    assert status["gone"].data.tags[liveness.REASON].startswith("its process ")
+    assert status["silent"].data.tags[liveness.REASON].startswith("no heartbeat from elsewhere:7 for over 120 s")
+
+
+def test_a_live_parent_is_never_taken_and_an_ended_one_by_one_command_only():
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("claims")
+    tags = {"step": "tune", "optuna_study": "claims"}
+    live = client.create_run(experiment, tags={**tags, **liveness.owner_tags()})
+    assert claim("claims", tags, "tune", exclusive=False) is None  # a new parent, not the live one
+    client.set_terminated(live.info.run_id, "KILLED")
+    ended = client.get_run(live.info.run_id)
+    assert liveness.take(ended) and not liveness.take(ended, owner="elsewhere|ns|boot|7|1")  # a racing command loses
+    time.sleep(0.01)
+    client.set_terminated(live.info.run_id, "KILLED")  # it ended again: free to take once more
+    assert claim("claims", tags, "tune", exclusive=False) == live.info.run_id
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, env=env)
+
+
+def wait_for_training(process: subprocess.Popen, experiment: str, log: Path, seconds: float = 240) -> None:
+    """Until a train run of the experiment has logged an epoch."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.step = 'train'")
+        if len(runs) and "metrics.val_accuracy" in runs and runs["metrics.val_accuracy"].notna().any():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no training started: {log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, sig", [("main", signal.SIGTERM), ("main", signal.SIGINT), ("main", signal.SIGKILL),
+                                          ("grid", signal.SIGTERM), ("grid", signal.SIGKILL)])
+def test_a_stopped_command_leaves_no_running_run_of_a_dead_process(tmp_path, command, sig):
+    experiment = f"stops-{command}-{sig.name.lower()}"
+    root = make_dataset(tmp_path / "stopshapes", n=8)
+    args = [command, "--dataset", str(root), "--experiment", experiment, *TINY]
+    log = tmp_path / "stopped.log"
+    process = start(args, log)
+    wait_for_training(process, experiment, log)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    if sig == signal.SIGKILL:
+        assert (runs["status"] == "RUNNING").any()  # what the next command must repair
+    else:
+        assert process.returncode == 128 + sig, output[-3000:]
+        errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+        assert errors == [f"Error: stopped by {sig.name}: its runs are marked KILLED; "
+                          "run the same command again to continue"]
+        assert set(runs["status"]) <= {"KILLED", "FINISHED"} and (runs["status"] == "KILLED").sum() >= 2
+        killed = runs[runs["status"] == "KILLED"]
+        assert (killed[f"tags.{liveness.REASON}"] == f"stopped by {sig.name}").all()
+
+    nxt = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--dataset", str(root), "--experiment",
+                          experiment], capture_output=True, text=True, cwd=ROOT, env={**os.environ,
+                                                                                      "PYTHONPATH": str(ROOT)})
+    assert nxt.returncode == 0 and "Traceback" not in nxt.stderr, nxt.stderr
+    after = mlflow.search_runs(experiment_names=[experiment])
+    assert not (after["status"] == "RUNNING").any()
+    if sig == signal.SIGKILL:
+        reaped = after[after["run_id"].isin(runs.loc[runs["status"] == "RUNNING", "run_id"])]
+        assert (reaped["status"] == "FAILED").all()
+        assert reaped[f"tags.{liveness.REASON}"].str.startswith(
+            f"its process {socket.gethostname()}:{process.pid} is gone").all()
