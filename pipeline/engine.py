@@ -4,8 +4,8 @@ Which engine runs the frozen backbone (feature extraction), evaluate's and predi
 and the served model is decided here, in resolve_engine, and nowhere else:
 
 - openvino: the model is converted once per process (`openvino.convert_model`, 2-3 s for
-  ResNet50) at a fixed batch of 8, compiled for the CPU with the THROUGHPUT hint and fed through
-  an AsyncInferQueue. In bfloat16 on a CPU with bfloat16 instructions it runs ResNet50 two (AMD
+  ResNet50) at a fixed batch of 8, compiled for the CPU with the THROUGHPUT hint and fed round
+  its infer requests asynchronously. In bfloat16 on a CPU with bfloat16 instructions it runs ResNet50 two (AMD
   EPYC, AVX512_BF16) to six (Intel with AMX) times faster than TensorFlow; see the README's
   Performance section for figures. OpenVINO's usage telemetry is kept off.
 - tensorflow: a compiled `tf.function` of the model (not `predict`, which can fall into a slow
@@ -93,18 +93,23 @@ class _OpenVINO(Runner):
         self.compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
                                                                    "INFERENCE_PRECISION_HINT": hint})
         self.output_shape = tuple(model.outputs[0].shape[1:])
+        self.requests = max(2, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
     def run(self, batches, out: np.ndarray) -> np.ndarray:
-        import openvino as ov
+        """Chunks of OPENVINO_BATCH images go round the compiled model's infer requests, so the
+        next chunk is decoded while earlier ones run. No completion callbacks: they run on
+        OpenVINO's threads and need the GIL, which hung inside a process that also trained."""
+        requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
+        pending: list[tuple[int, int] | None] = [None] * len(requests)
 
-        queue = ov.AsyncInferQueue(self.compiled)
+        def collect(k: int) -> None:
+            if pending[k] is not None:
+                requests[k].wait()
+                start, n = pending[k]
+                out[start:start + n] = requests[k].get_output_tensor(0).data[:n]
+                pending[k] = None
 
-        def done(request, slot):
-            start, n = slot
-            out[start:start + n] = request.get_output_tensor(0).data[:n]
-
-        queue.set_callback(done)
-        start = 0
+        start, k = 0, 0
         for batch in batches:
             batch = np.asarray(batch, np.float32)
             for i in range(0, len(batch), OPENVINO_BATCH):
@@ -112,9 +117,12 @@ class _OpenVINO(Runner):
                 n = len(chunk)
                 if n < OPENVINO_BATCH:  # the compiled batch is fixed: pad the last chunk
                     chunk = np.concatenate([chunk, np.zeros((OPENVINO_BATCH - n, *chunk.shape[1:]), np.float32)])
-                queue.start_async({0: chunk}, (start, n))
-                start += n
-        queue.wait_all()
+                collect(k)
+                requests[k].start_async({0: chunk})
+                pending[k] = (start, n)
+                start, k = start + n, (k + 1) % len(requests)
+        for k in range(len(requests)):
+            collect(k)
         if start != len(out):
             raise ValueError(f"{start} images for {len(out)} output rows")
         return out

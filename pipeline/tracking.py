@@ -49,13 +49,13 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
     else:
         mlflow.set_experiment(cfg.experiment or dataset)
         run = mlflow.start_run(run_name=run_name or step)
-    mlflow.set_tags(liveness.owner_tags())
-    if resumed:
-        log_config(cfg, f"config_{step}.json")
-    else:
-        mlflow.set_tags({"step": step, "dataset": dataset})
-        log_config(cfg)
-    with ended(run), liveness.heartbeat(run.info.run_id):
+    with ended(run), liveness.heartbeat(run.info.run_id):  # a failure to log the config fails the run too
+        mlflow.set_tags(liveness.owner_tags())
+        if resumed:
+            log_config(cfg, f"config_{step}.json")
+        else:
+            mlflow.set_tags({"step": step, "dataset": dataset})
+            log_config(cfg)
         yield run
 
 

@@ -52,6 +52,9 @@ class TrainResult:
     trained: Trained | None = field(default=None, repr=False, compare=False)
 
 
+HEAD_STEPS_PER_EXECUTION = 16  # measured: 2.3-2.6 s per epoch of 7,966 flatten features at 224 px, from 5.1
+
+
 class _LogEpochs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
@@ -208,9 +211,7 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
                             "feature_cache_mb": (train_f.array.nbytes + val_f.array.nbytes) / 2**20,
                             **({"engine_rel_error": max(checked)} if checked else {})})
     head = build_head(train_f.array.shape[1:], cfg, len(data.class_names))
-    # No XLA (jit_compile=True, a third faster): Keras turns it off under the op determinism that
-    # make_deterministic turns on, and says so in a warning.
-    compile_for_training(head, cfg.learning_rate)
+    compile_for_training(head, cfg.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (job.train_rows, job.val_rows))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     history, seconds = _fit(head, FeatureBatches(train_f.array, y_train, cfg.batch_size, cfg.seed),

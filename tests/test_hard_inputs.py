@@ -17,6 +17,7 @@ from conftest import make_dataset, write_images
 from mlflow.utils.validation import _validate_metric_name
 
 from pipeline import datasets, prepared
+from pipeline.card import read_card
 from pipeline.config import MainConfig, PipelineError, PrepareConfig, TuneConfig, check_memory, memory_needed
 from pipeline.keys import class_keys
 from pipeline.prepare import prepare
@@ -205,8 +206,8 @@ def test_main_on_odd_class_names_keeps_them_in_model_metrics_and_predictions(tmp
         write_images(root / name, colour, 8, seed=len(name))
     result = main(MainConfig(dataset=str(root), val_fraction=0.25, test_fraction=0.25, weights="none",
                              image_size=32, epochs=1, batch_size=8))
-    info = mlflow.models.get_model_info(result.model_uri)
-    assert info.metadata["class_names"] == sorted(names)
+    card, _ = read_card(result.model_uri)
+    assert card.class_names == sorted(names)
     evaluate_run = mlflow.get_run(mlflow.get_run(result.run_id).data.tags["evaluate_run_id"])
     assert {f"test_f1/{key}" for key in class_keys(names).values()} <= set(evaluate_run.data.metrics)
     folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{evaluate_run.info.run_id}/predictions.csv"))

@@ -52,7 +52,8 @@ def postgres():
         pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine")
     import psycopg
 
-    folder = Path(tempfile.mkdtemp(prefix="pipeline-postgres-"))  # pytest's own temp folders are root's only
+    # Not in pytest's or $TMPDIR's folders, which are root's only: the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-postgres-", dir="/tmp"))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(folder, "postgres")
