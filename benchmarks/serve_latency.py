@@ -28,7 +28,8 @@ import mlflow
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's pipeline, whatever is pip-installed
 from test_serve import free_port, post  # noqa: E402  the same server handling as the tests
 
 
