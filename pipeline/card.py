@@ -5,10 +5,14 @@ travels with its model: evaluate, predict, the registry and serving read class n
 precision and the rest from it, never from folders or from loose keys.
 """
 
-import os
+import base64
+import tempfile
+from importlib.metadata import version
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from pipeline.config import PipelineError
 
@@ -43,40 +47,69 @@ class ModelCard:
         return cls(**{f.name: card[f.name] for f in fields(cls)})
 
 
-class _KerasFlavor:
-    """mlflow.keras, whose save_model writes the input example before it creates the model's
-    folder (mlflow/mlflow#16183, still open in MLflow 3.17): create the folder first.
-    Once fixed upstream, log_model becomes mlflow.keras.log_model(model, name=..., ...)."""
+class _PyfuncFlavor:
+    """mlflow.pyfunc for Model.log, which takes validate_serving_input where pyfunc.save_model refuses it."""
 
     @staticmethod
     def save_model(path, validate_serving_input=None, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
+        mlflow.pyfunc.save_model(path=path, **kwargs)
 
 
 def log_model(model, card: ModelCard, example):
-    """Log the whole image-to-probabilities Keras model, with its card, into the active run; its
-    ModelInfo. example: a few images (float32 NHWC) for the signature and input example."""
+    """Log model (the whole image-to-probabilities Keras model) into the active run as the served
+    pyfunc of pipeline.serving (base64 image files in, class names out), the Keras model inside as
+    the artifact model.keras, the card in its metadata; its ModelInfo. example: a few images
+    (float32 NHWC, as pipeline.data decodes them) for the input example and signature."""
     import keras
-    import numpy as np
     import tensorflow as tf
-    from mlflow.models import infer_signature
 
-    return mlflow.models.Model.log(
-        artifact_path=None,
-        name=MODEL_NAME,
-        flavor=_KerasFlavor,
-        flavor_name="mlflow.keras",
-        model=model,
-        signature=infer_signature(example, np.asarray(model(example, training=False))),
-        input_example=example,
-        metadata=card.metadata(),
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
-                          f"keras=={keras.__version__}"],
-        # MLflow would reload the model twice (7 s for ResNet50) to replay the input example;
-        # tests/test_steps.py loads logged models with pyfunc and predicts on raw images instead.
-        validate_serving_input=False,
-    )
+    from pipeline import serving
+    from pipeline.engine import has_openvino
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file = Path(tmp) / "model.keras"
+        model.save(keras_file)
+        request = pd.DataFrame({serving.COLUMN: [_png_base64(example[0])]})
+        return mlflow.models.Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=_PyfuncFlavor,
+            flavor_name="mlflow.pyfunc",
+            python_model=serving.ImageClassifier(),
+            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            code_paths=[str(Path(__file__).parent)],  # the pipeline package: the served model imports it
+            signature=_signature(card),
+            input_example=request,
+            metadata=card.metadata(),
+            model_config=card.metadata(),
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
+                              f"keras=={keras.__version__}", "pillow",
+                              *([f"openvino=={version('openvino')}"] if has_openvino() else [])],
+            # MLflow would load the model (and convert it for OpenVINO) to replay the input example;
+            # tests/test_serve.py sends it to a real server instead.
+            validate_serving_input=False,
+        )
+
+
+def _signature(card: ModelCard):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from pipeline import serving
+
+    outputs = [ColSpec("string", "predicted", required=False), ColSpec("double", "confidence", required=False)]
+    outputs += [ColSpec("double", f"p_{c}", required=False) for c in card.class_names]
+    # image is "optional" so that MLflow's schema check, whose message repeats the request, lets a
+    # request without it through to the model's own one-line error
+    return ModelSignature(Schema([ColSpec("string", serving.COLUMN, required=False)]),
+                          Schema([*outputs, ColSpec("string", "error", required=False)]))
+
+
+def _png_base64(image) -> str:
+    import tensorflow as tf
+
+    png = tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)).numpy()
+    return base64.b64encode(png).decode("ascii")
 
 
 def read_card(uri: str) -> tuple[ModelCard, str | None]:
@@ -91,9 +124,15 @@ def read_card(uri: str) -> tuple[ModelCard, str | None]:
 
 def load_model(uri: str) -> tuple["keras.Model", ModelCard, str | None]:
     """(Keras model, its card, the run that logged it) of a model logged by log_model, or one line."""
+    import keras
+
+    from pipeline import serving
+
     card, run_id = read_card(uri)
     try:
-        return mlflow.keras.load_model(uri), card, run_id
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        artifacts = mlflow.models.Model.load(folder).flavors["python_function"]["artifacts"]
+        return keras.saving.load_model(folder / artifacts[serving.KERAS_ARTIFACT]["path"], compile=False), card, run_id
     except Exception as e:
         raise PipelineError(f"cannot load model {uri!r} ({type(e).__name__}): pass a model URI logged by "
                             "train, e.g. runs:/<id>/model or models:/<name>@champion") from None

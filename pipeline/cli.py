@@ -125,6 +125,13 @@ def list_models():
 @models.command("show")
 @click.argument("name")
 def show_model(name):
-    """The versions of registered model NAME."""
+    """Registered model NAME: its versions, then each version's metrics, champion decision and model card."""
     with one_line_errors():
-        click.echo(function("pipeline.registry:versions")(name).to_string(index=False))
+        table, details = function("pipeline.registry:describe")(name)
+    click.echo(table.to_string(index=False))
+    for version in details:
+        aliases = f" ({version['aliases']})" if version["aliases"] else ""
+        click.echo(f"\nversion {version['version']}{aliases}")
+        shown = {k: v for k, v in version.items() if k not in ("version", "aliases", "card")} | version["card"]
+        for key, value in shown.items():
+            click.echo(f"  {key}: {value}")

@@ -11,7 +11,13 @@ import tensorflow as tf
 
 def load_image(path, image_size: int):
     """One image file -> float32 (image_size, image_size, 3) RGB tensor in [0, 255]."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False)
+    return decode_image(tf.io.read_file(path), image_size)
+
+
+def decode_image(contents, image_size: int):
+    """An image file's bytes (JPEG, PNG, BMP or GIF) -> float32 (image_size, image_size, 3) RGB in
+    [0, 255]: what training sees, and what the served model decodes requests with."""
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return tf.image.resize(image, [image_size, image_size], antialias=True)
 

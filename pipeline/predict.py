@@ -61,11 +61,14 @@ def _probabilities(model, card, paths: list[str], cfg: PredictConfig) -> np.ndar
 
 
 def _table(paths: pd.Series, probs: np.ndarray, class_names: list[str], skipped: pd.DataFrame) -> pd.DataFrame:
-    done = pd.DataFrame({"path": paths.to_numpy(), "predicted": [class_names[i] for i in probs.argmax(axis=1)],
-                         "confidence": probs.max(axis=1)})
-    done[[f"p_{c}" for c in class_names]] = probs
-    failed = pd.DataFrame({"path": skipped["path"].to_numpy(), "error": skipped["reason"].to_numpy()})
-    return pd.concat([done.assign(error=""), failed], ignore_index=True).reindex(columns=[*done.columns, "error"])
+    """path plus the served model's columns (pipeline.serving.prediction_table): the classified
+    files, then the skipped ones with their error."""
+    from pipeline.serving import prediction_table
+
+    failed = np.full((len(skipped), len(class_names)), np.nan, np.float32)
+    errors = [None] * len(paths) + skipped["reason"].tolist()
+    table = prediction_table(np.concatenate([probs, failed]), class_names, errors)
+    return pd.concat([pd.DataFrame({"path": [*paths, *skipped["path"]]}), table], axis=1)
 
 
 def _write_atomically(table: pd.DataFrame, output: Path) -> None:

@@ -1,8 +1,9 @@
 """The model registry: register a logged model with where it came from, and keep the `champion` alias.
 
-One registered model per dataset (`<dataset>-resnet50` unless named). Each version carries tags
-saying where it came from (dataset, data_digest, source_run_id, model_uri, param.<name> for the
-training config) and its metrics (best_val_accuracy, test_accuracy, ...), so a version describes
+One registered model per dataset (`<dataset>-resnet50` unless named). Each version carries a
+few tags saying where it came from (dataset, data_digest, source_run_id, model_uri, param.<name>
+for the key parameters of TABLE_PARAMS; the whole config is in the model card), its metrics
+(best_val_accuracy, test_accuracy, ...) and why it is or is not champion, so a version describes
 itself even after its runs are deleted.
 
 The champion rule (models:/<name>@champion is what predict and serve use):
@@ -10,27 +11,36 @@ The champion rule (models:/<name>@champion is what predict and serve use):
 - champion trained on the same data (same data_digest): the new version takes the alias only if
   its best_val_accuracy is strictly higher. Validation, never test: selection must not see the
   test split;
-- champion trained on different data (another data_digest, e.g. a different max_per_class or
-  re-prepared images): the alias stays. Accuracies on different validation sets do not compare,
-  and an automatic step must not replace a served model on a number that means something else.
-  Promote by hand once you have compared them:
-  `MlflowClient().set_registered_model_alias(name, "champion", version)`.
-The reason is written on the version as the tag `champion_decision`.
+- champion trained on other data (another data_digest: another max_per_class, split or
+  re-prepared images): both models are scored on the shared validation rows, the new version's
+  validation images that the champion neither trained on nor was tested on (by content sha1,
+  from both prepared-data manifests); never a test image of either. The new version takes the
+  alias only if its accuracy there is strictly higher, on at least MIN_SHARED_ROWS rows. Fewer
+  rows, other class names, or unreadable prepared data or images: the alias stays.
+The decision is written on the version as the tag `champion_decision`, and a comparison on
+shared rows as `shared_val_rows` (how many), `shared_val_sha1` (a digest of their sorted sha1s),
+`shared_val_accuracy` and `champion_shared_val_accuracy` (version N's, named in the decision).
+Promote by hand with `MlflowClient().set_registered_model_alias(name, "champion", version)`.
 """
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from pipeline.card import ModelCard, read_card
+from pipeline import prepared
+from pipeline.card import ModelCard, load_model, read_card
 from pipeline.config import PipelineError
 
 CHAMPION = "champion"
 SELECT_ON = "best_val_accuracy"  # validation: the test split is for reporting only
 METRICS = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_macro_f1", "test_loss", "learning_time_s")
 TABLE_PARAMS = ("hidden_layers", "units", "learning_rate")
+MIN_SHARED_ROWS = 5  # validation rows both models can be scored on, to compare models on other data
+COMPARISON = ("shared_val_rows", "shared_val_sha1", "shared_val_accuracy", "champion_shared_val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -67,10 +77,11 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
     scores = {k: v for k, v in _run_metrics(run_id).items() if k in METRICS} | (metrics or {})
     tags = _version_tags(model_uri, run_id, card, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
-    promote, decision = _champion_decision(client, name, tags)
+    promote, decision, comparison = _champion_decision(client, name, tags, card)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "champion_decision", decision)
+    for key, value in {**comparison, "champion_decision": decision}.items():
+        client.set_model_version_tag(name, version, key, str(value))
     print(f"registered {name} version {version}: {decision}")
     return Registration(name, str(version), f"models:/{name}/{version}", promote, decision)
 
@@ -92,27 +103,77 @@ def _run_metrics(run_id: str | None) -> dict[str, float]:
 def _version_tags(model_uri: str, run_id: str | None, card: ModelCard, scores: dict) -> dict[str, str]:
     tags = {"dataset": card.dataset, "data_digest": card.data_digest, "source_run_id": run_id or "",
             "model_uri": model_uri}
-    tags |= {f"param.{k}": str(v) for k, v in card.config.items()}
+    tags |= {f"param.{k}": str(card.config.get(k, "")) for k in TABLE_PARAMS}
     return tags | {k: repr(float(v)) for k, v in scores.items()}
 
 
-def _champion_decision(client, name: str, new: dict[str, str]) -> tuple[bool, str]:
-    """(move the alias?, why) for a new version's tags against the current champion's."""
+def _champion_decision(client, name: str, new: dict[str, str], card: ModelCard) -> tuple[bool, str, dict]:
+    """(move the alias?, why, the comparison's tags) for a new version against the current champion."""
     if SELECT_ON not in new:
-        return False, f"not champion: the version has no {SELECT_ON} to compare"
+        return False, f"not champion: the version has no {SELECT_ON} to compare", {}
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return True, f"champion: the first version with a {SELECT_ON}"
+        return True, f"champion: the first version with a {SELECT_ON}", {}
     old = champion.tags
     if old.get("data_digest") != new["data_digest"]:
-        return False, (f"not champion: champion version {champion.version} was trained on other data "
-                       f"(digest {old.get('data_digest')!r}, this one {new['data_digest']!r}); "
-                       "their accuracies do not compare, promote by hand if this one is better")
+        return _compare_on_shared_rows(f"models:/{name}/{champion.version}", champion.version, new["model_uri"], card)
     ours, theirs = float(new[SELECT_ON]), float(old.get(SELECT_ON, "nan"))
     if ours > theirs or theirs != theirs:  # theirs != theirs: the champion has no score (NaN)
-        return True, f"champion: {SELECT_ON} {ours:.4f} beats version {champion.version}'s {theirs:.4f}"
-    return False, f"not champion: {SELECT_ON} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}"
+        return True, f"champion: {SELECT_ON} {ours:.4f} beats version {champion.version}'s {theirs:.4f}", {}
+    return False, f"not champion: {SELECT_ON} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}", {}
+
+
+def _compare_on_shared_rows(champion_uri: str, version: str, model_uri: str, card: ModelCard) -> tuple[bool, str, dict]:
+    """Both models' accuracy on the shared validation rows (see the module's docstring)."""
+    theirs_card, _ = read_card(champion_uri)
+    digests = f"data {card.data_digest} against version {version}'s {theirs_card.data_digest}"
+    if list(theirs_card.class_names) != list(card.class_names):
+        return False, f"not champion: version {version} has other classes ({digests}); promote by hand", {}
+    try:
+        rows = shared_validation_rows(card, theirs_card)
+    except PipelineError as e:
+        return False, f"not champion: cannot compare with version {version} on shared rows ({e})", {}
+    if len(rows) < MIN_SHARED_ROWS:
+        return False, (f"not champion: only {len(rows)} validation row(s) that version {version} did not train "
+                       f"or test on, fewer than {MIN_SHARED_ROWS} ({digests}); promote by hand"), {}
+    ours, theirs = accuracy_on(model_uri, rows), accuracy_on(champion_uri, rows)
+    comparison = dict(zip(COMPARISON, (len(rows), _sha1_digest(rows), repr(ours), repr(theirs))))
+    verdict = "beats" if ours > theirs else "does not beat"
+    decision = (f"{'champion' if ours > theirs else 'not champion'}: accuracy {ours:.4f} on {len(rows)} shared "
+                f"validation rows {verdict} version {version}'s {theirs:.4f} ({digests})")
+    return ours > theirs, decision, comparison
+
+
+def shared_validation_rows(challenger: ModelCard, champion: ModelCard) -> pd.DataFrame:
+    """The challenger's validation rows (path, label, sha1) whose image the champion neither trained
+    on nor was tested on, nor the challenger was tested or trained on, by content sha1; from both
+    models' prepared-data manifests (card.config["data"])."""
+    ours, theirs = (prepared.load(c.config["data"]).manifest for c in (challenger, champion))
+    seen = set(theirs.loc[theirs["split"].isin(["train", "test"]), "sha1"])
+    seen |= set(ours.loc[ours["split"].isin(["train", "test"]), "sha1"])
+    val = ours[ours["split"] == "val"]
+    return val[~val["sha1"].isin(seen)].drop_duplicates("sha1")[["path", "label", "sha1"]].reset_index(drop=True)
+
+
+def accuracy_on(model_uri: str, rows: pd.DataFrame, batch_size: int = 32) -> float:
+    """The accuracy of the model at model_uri on rows (path, label), run as predict runs it."""
+    from pipeline.data import load_images
+    from pipeline.engine import compile_model
+    from pipeline.model import builder_of
+
+    model, card, _ = load_model(model_uri)
+    # TensorFlow, not OpenVINO: a second OpenVINO model in a process that has run training hung
+    # in AsyncInferQueue once (not understood yet); a few hundred validation images are cheap.
+    runner = compile_model(builder_of(model, card.config, len(card.class_names)), "tensorflow", card.precision)
+    paths = rows["path"].tolist()
+    batches = (load_images(paths[i:i + batch_size], card.image_size) for i in range(0, len(paths), batch_size))
+    probs = runner.run(batches, np.empty((len(paths), len(card.class_names)), np.float32))
+    return float(np.mean(np.array(card.class_names)[probs.argmax(axis=1)] == rows["label"].to_numpy()))
+
+
+def _sha1_digest(rows: pd.DataFrame) -> str:
+    return hashlib.sha1("\n".join(sorted(rows["sha1"])).encode()).hexdigest()[:16]
 
 
 def versions(name: str | None = None) -> pd.DataFrame:
@@ -132,6 +193,22 @@ def versions(name: str | None = None) -> pd.DataFrame:
     columns = ["name", "version", "aliases", "source_run", "data_digest", *TABLE_PARAMS, "best_val_accuracy",
                "test_accuracy", "created"]
     return pd.DataFrame(rows, columns=columns).sort_values(["name", "version"]).reset_index(drop=True)
+
+
+def describe(name: str) -> tuple[pd.DataFrame, list[dict]]:
+    """(versions(name), one dict per version: version, aliases, metrics, champion decision and
+    comparison, and its model card) for `models show`."""
+    table = versions(name)
+    client = mlflow.MlflowClient()
+    details = []
+    for row in table.itertuples():
+        tags = client.get_model_version(name, str(row.version)).tags
+        card, _ = read_card(f"models:/{name}/{row.version}")
+        details.append({"version": row.version, "aliases": row.aliases,
+                        "metrics": {k: float(tags[k]) for k in METRICS if k in tags},
+                        "champion_decision": tags.get("champion_decision", ""),
+                        **{k: tags[k] for k in COMPARISON if k in tags}, "card": asdict(card)})
+    return table, details
 
 
 def _require_model(client, name: str) -> None:

@@ -1,15 +1,20 @@
 """The registry: versions with where they came from, the champion rule, look-up by alias."""
 
 import re
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import make_dataset
 
 from pipeline import cli as cli_module
-from pipeline.config import EvaluateConfig, PipelineError
+from pipeline.card import read_card
+from pipeline.config import EvaluateConfig, MainConfig, PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.registry import CHAMPION, register, versions
+from pipeline.registry import CHAMPION, COMPARISON, TABLE_PARAMS, register, shared_validation_rows, versions
+from pipeline.workflow import main
 
 pytestmark = pytest.mark.slow
 NAME = "regshapes-resnet50"
@@ -31,6 +36,7 @@ def test_main_registers_its_model_with_where_it_came_from(trained):
     assert tags["data_digest"] == prepare_run.data.tags["data_digest"] and tags["dataset"] == "regshapes"
     assert tags["source_run_id"] == train_run.info.run_id and tags["model_uri"] == result.model_uri
     assert tags["param.learning_rate"] == str(cfg.learning_rate) and tags["param.units"] == str(cfg.units)
+    assert not [k for k in tags if k.startswith("param.") and k[6:] not in TABLE_PARAMS]  # the card has the rest
     for key in ("best_val_accuracy", "test_accuracy"):
         assert float(tags[key]) == pytest.approx(train_run.data.metrics[key]), key
     assert tags["champion_decision"].startswith("champion: the first version")
@@ -59,13 +65,37 @@ def test_if_new_returns_the_version_already_registered_from_the_model(trained):
     assert register(result.model_uri, "once-resnet50").version == "2"
 
 
-def test_champion_trained_on_other_data_keeps_the_alias(trained):
+def test_a_model_on_other_data_is_compared_on_validation_rows_neither_trained_on(trained, tmp_path):
+    """The quick start's model is champion; a run on more data (another digest) is scored with it on
+    the new validation rows the champion never trained or was tested on, and the alias follows."""
+    cfg, first = trained
+    name = "moves-resnet50"
+    assert register(first.model_uri, name).champion
+    more = make_dataset(tmp_path / "regshapes", n=24)  # the same 8 images per class and 16 more
+    second = main(MainConfig(**{**cfg.__dict__, "dataset": str(more), "epochs": 4, "registered_model": name,
+                                "experiment": "moves"}))
+    new, old = read_card(second.model_uri)[0], read_card(first.model_uri)[0]
+    assert new.data_digest != old.data_digest
+    rows = shared_validation_rows(new, old)
+    seen = set(pd.read_csv(Path(mlflow.artifacts.download_artifacts(old.config["data"])) / "manifest.csv")
+               .query("split != 'val'")["sha1"])
+    assert len(rows) >= 5 and not set(rows["sha1"]) & seen
+    tags = mlflow.MlflowClient().get_model_version(name, "2").tags
+    assert set(COMPARISON) <= tags.keys() and int(tags["shared_val_rows"]) == len(rows)
+    better = float(tags["shared_val_accuracy"]) > float(tags["champion_shared_val_accuracy"])
+    assert second.champion == better and champion_version(name) == ("2" if better else "1")
+    assert "shared validation rows" in tags["champion_decision"] and old.data_digest in tags["champion_decision"]
+
+
+def test_a_tie_on_shared_rows_keeps_the_alias(trained):
     _, result = trained
     name = "digest-resnet50"
     register(result.model_uri, name, metrics={"best_val_accuracy": 0.5})
     mlflow.MlflowClient().set_model_version_tag(name, "1", "data_digest", "0123456789abcdef")  # as if re-prepared
-    r = register(result.model_uri, name, metrics={"best_val_accuracy": 0.99})
-    assert not r.champion and "trained on other data" in r.decision and champion_version(name) == "1"
+    r = register(result.model_uri, name, metrics={"best_val_accuracy": 0.99})  # the same model, so a tie
+    tags = mlflow.MlflowClient().get_model_version(name, "2").tags
+    assert not r.champion and "does not beat" in r.decision and champion_version(name) == "1"
+    assert tags["shared_val_accuracy"] == tags["champion_shared_val_accuracy"] and int(tags["shared_val_rows"]) > 0
 
 
 def test_register_rejects_an_unknown_model_in_one_line():
@@ -86,10 +116,15 @@ def test_models_list_and_show_print_versions_aliases_runs_and_metrics(trained):
     train_run_id = mlflow.get_run(result.run_id).data.tags["train_run_id"]
     shown = CliRunner().invoke(cli_module.cli, ["models", "show", NAME])
     assert shown.exit_code == 0, shown.output
-    header, row = shown.output.strip().splitlines()
+    header, row, _, version, *details = shown.output.strip().splitlines()
     assert header.split()[:4] == ["name", "version", "aliases", "source_run"] and "test_accuracy" in header
     assert row.split()[:4] == [NAME, "1", CHAMPION, train_run_id]
+    assert version == f"version 1 ({CHAMPION})"
+    for key in ("metrics", "champion_decision", "class_names", "image_size", "precision", "engine", "data_digest",
+                "config", "backbone"):
+        assert any(line.startswith(f"  {key}: ") for line in details), key
     listed = CliRunner().invoke(cli_module.cli, ["models", "list"])
     assert listed.exit_code == 0 and re.search(rf"^{NAME}\s+1\s+{CHAMPION}\s", listed.output, re.M), listed.output
+    assert "class_names" not in listed.output  # the overview stays one line per version
     missing = CliRunner().invoke(cli_module.cli, ["models", "show", "no-such-model"])
     assert missing.exit_code == 1 and missing.output.startswith("Error: no registered model 'no-such-model'")

@@ -17,6 +17,7 @@ from pipeline.config import EvaluateConfig, MainConfig, ModelParams, PipelineErr
 from pipeline.data import load_images
 from pipeline.evaluate import compute_metrics, evaluate
 from pipeline.prepare import prepare
+from pipeline.serving import encode_file
 from pipeline.workflow import main
 
 pytestmark = pytest.mark.slow
@@ -70,9 +71,9 @@ def test_logged_model_classifies_raw_images_and_describes_itself(main_result, tm
     assert meta["class_names"] == list(CLASSES) and meta["image_size"] == 32
     path = tmp_path / "any_size.png"
     Image.new("RGB", (50, 70), (200, 40, 40)).save(path)
-    probs = np.asarray(pyfunc.predict(load_images([path], meta["image_size"])))
-    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
-    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 3)
+    [row] = pyfunc.predict(pd.DataFrame({"image": [encode_file(path)]})).to_dict("records")
+    assert row["predicted"] in CLASSES and sum(row[f"p_{c}"] for c in CLASSES) == pytest.approx(1, abs=1e-5)
+    assert pyfunc.metadata.get_input_schema().input_names() == ["image"]
 
 
 def test_evaluate_logs_metrics_confusion_matrix_and_predictions(main_result):
