@@ -6,9 +6,10 @@ precision and the rest from it, never from folders or from loose keys.
 """
 
 import base64
+import json
 import tempfile
-from importlib.metadata import version
 from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -67,8 +68,9 @@ def log_model(model, card: ModelCard, example):
     from pipeline.engine import has_openvino
 
     with tempfile.TemporaryDirectory() as tmp:
-        keras_file = Path(tmp) / "model.keras"
+        keras_file, card_file = Path(tmp) / "model.keras", Path(tmp) / "card.json"
         model.save(keras_file)
+        card_file.write_text(json.dumps(card.metadata()))
         request = pd.DataFrame({serving.COLUMN: [_png_base64(example[0])]})
         return mlflow.models.Model.log(
             artifact_path=None,
@@ -76,12 +78,11 @@ def log_model(model, card: ModelCard, example):
             flavor=_PyfuncFlavor,
             flavor_name="mlflow.pyfunc",
             python_model=serving.ImageClassifier(),
-            artifacts={serving.KERAS_ARTIFACT: str(keras_file)},
+            artifacts={serving.KERAS_ARTIFACT: str(keras_file), serving.CARD_ARTIFACT: str(card_file)},
             code_paths=[str(Path(__file__).parent)],  # the pipeline package: the served model imports it
             signature=_signature(card),
             input_example=request,
-            metadata=card.metadata(),
-            model_config=card.metadata(),
+            metadata=card.metadata(),  # model_config would copy every field into the run's params
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
                               f"keras=={keras.__version__}", "pillow",
                               *([f"openvino=={version('openvino')}"] if has_openvino() else [])],

@@ -17,6 +17,8 @@ MAX_PIXELS decoded is a row error.
 import base64
 import binascii
 import io
+import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -25,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 KERAS_ARTIFACT = "keras_model"  # the pyfunc's artifact key of the Keras model file
+CARD_ARTIFACT = "card"  # ... and of the model card (card.json)
 COLUMN = "image"
 MAX_ROWS = 128  # images per request: 128 JPEGs at 224 px take about 4 s on 2 cores
 MAX_IMAGE_BYTES = 20 * 2**20  # one encoded image file
@@ -50,7 +53,7 @@ class RequestError(MlflowException):
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """The pyfunc: its model_config is the model card's metadata (pipeline.card.ModelCard)."""
+    """The pyfunc: the Keras model and the model card (pipeline.card.ModelCard) are its artifacts."""
 
     def load_context(self, context):
         import keras
@@ -59,7 +62,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from pipeline.engine import compile_model, resolve_engine
         from pipeline.model import builder_of
 
-        self.card = ModelCard.from_metadata(context.model_config)
+        self.card = ModelCard.from_metadata(json.loads(Path(context.artifacts[CARD_ARTIFACT]).read_text()))
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         build = builder_of(self.keras_model, self.card.config, len(self.card.class_names))
         self.runner = compile_model(build, resolve_engine("auto"), self.card.precision)

@@ -11,6 +11,7 @@ from conftest import write_images
 from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
+from pipeline.card import load_model
 from pipeline.config import ModelParams, PipelineError, PrepareConfig, TrainConfig
 from pipeline.data import load_images
 from pipeline.model import build_model
@@ -143,7 +144,7 @@ def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lops
 
     top = set(names[-20:])
     assert len(snapshots.taken) == 2 and len(batchnorm & top) >= 5
-    model = mlflow.keras.load_model(result.model_uri)
+    model = load_model(result.model_uri)[0]
     for after in (*snapshots.taken, _weights_by_layer(model.get_layer("resnet50"))):
         assert all(_same(after[name], before[name]) for name in batchnorm)
     trained = {name for name in before if not _same(snapshots.taken[0][name], before[name])}

@@ -13,6 +13,7 @@ from conftest import CLASSES, make_dataset
 from PIL import Image
 
 from pipeline import model as model_module
+from pipeline.card import load_model
 from pipeline.config import EvaluateConfig, MainConfig, ModelParams, PipelineError, PrepareConfig, TrainConfig
 from pipeline.data import load_images
 from pipeline.evaluate import compute_metrics, evaluate
@@ -156,7 +157,7 @@ def test_imagenet_offline_names_the_alternatives(monkeypatch):
 def test_weights_from_an_earlier_model_uri(main_result):
     _, result = main_result
     backbone = model_module.load_backbone(result.model_uri, 32, seed=0)
-    earlier = mlflow.keras.load_model(result.model_uri).get_layer("resnet50")
+    earlier = load_model(result.model_uri)[0].get_layer("resnet50")
     for a, b in zip(backbone.get_weights(), earlier.get_weights()):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(PipelineError, match="cannot take backbone weights"):
