@@ -14,7 +14,7 @@ from pipeline.card import ModelCard, load_model
 from pipeline.config import EvaluateConfig, PipelineError
 from pipeline.data import make_dataset
 from pipeline.engine import compile_model, resolve_engine
-from pipeline.features import Backbone, FeatureBatches, split_features
+from pipeline.features import Backbone, split_features
 from pipeline.keys import class_keys
 from pipeline.model import builder_of, resolve_precision
 from pipeline.plots import confusion_matrix
@@ -128,8 +128,10 @@ def _model_probabilities(model, card: ModelCard, rows: pd.DataFrame, cfg: Evalua
 
 
 def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
-    labels = np.zeros(len(features.array), "int32")
-    return head.predict(FeatureBatches(features.array, labels, 8 * batch_size), verbose=0)
+    """The head called directly on blocks of features: no predict function to trace per point."""
+    step = 8 * batch_size
+    return np.concatenate([np.asarray(head(features.array[i:i + step], training=False), np.float32)
+                           for i in range(0, len(features.array), step)])
 
 
 def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int) -> np.ndarray:
