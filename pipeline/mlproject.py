@@ -39,16 +39,34 @@ def render() -> str:
 
 
 def parameter_table() -> str:
-    """The README's table: each parameter once, with the entry points that take it, its default and help."""
+    """The README's table: each parameter once, with the entry points that take it, its default and
+    help (per entry point where they differ, e.g. output: predictions.csv for predict, report.md for report)."""
     seen = {}
     for step, (cls, _, _) in STEPS.items():
         for f in fields(cls):
-            seen.setdefault(f.name, (f, []))[1].append(step)
+            seen.setdefault(f.name, []).append((step, f))
     lines = ["| parameter | entry points | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, (f, steps) in seen.items():
-        default = "required" if f.default is MISSING else ('""' if f.default == "" else f"`{f.default}`")
-        lines.append(f"| `{name}` | {', '.join(steps)} | {default} | {f.metadata.get('help', '')} |")
+    for name, taken in seen.items():
+        defaults = {step: _default(f) for step, f in taken}
+        helps = {step: f.metadata.get("help", "") for step, f in taken}
+        default = _per_step(defaults, "{value} ({step})", ", ")
+        meaning = _per_step(helps, "{step}: {value}", "; ")
+        lines.append(f"| `{name}` | {', '.join(defaults)} | {default} | {meaning} |")
     return "\n".join(lines)
+
+
+def _default(f) -> str:
+    return "required" if f.default is MISSING else ('""' if f.default == "" else f"`{f.default}`")
+
+
+def _per_step(values: dict[str, str], form: str, sep: str) -> str:
+    """The one value all steps share, or each value with the steps that have it."""
+    groups = {}
+    for step, value in values.items():
+        groups.setdefault(value, []).append(step)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return sep.join(form.format(step=", ".join(steps), value=value) for value, steps in groups.items())
 
 
 def with_table(readme: str) -> str:
