@@ -8,6 +8,7 @@ matrix, wherever that run came from, and why it is or is not the registered cham
 """
 
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,8 @@ def page(blocks: list, title: str) -> str:
     out = []
     for kind, *content in blocks:
         if kind == "table":
-            out.append(content[0].to_html(index=False, border=0, escape=True).replace("**champion**", "<b>champion</b>"))
+            table = content[0].to_html(index=False, border=0, escape=True).replace("**champion**", "<b>champion</b>")
+            out.append(re.sub(r"`([^`<]*)`", r"<code>\1</code>", table))
         elif kind == "img":
             out.append(f'<figure><img src="{html.escape(content[1])}" alt="{content[0]}" style="max-width:100%">'
                        f"<figcaption>{content[0]}</figcaption></figure>")

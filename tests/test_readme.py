@@ -102,7 +102,7 @@ def fill(command: str, seen: dict[str, str], folder: Path, store: str) -> str:
         points = client.search_runs(experiments, filter_string="tags.grid_point != ''")
         seen["point"] = next(r.info.run_id for r in points if "model_uri" not in r.data.tags)
     images = make_dataset(folder / "my_images", n=8) if "path/to/" in command else None
-    return (command.replace("<prepare run id>", seen.get("prepare", "?")).replace("m-<id>", seen.get("model", "?"))
+    return (command.replace("<prepare run id>", seen.get("prepare", "?")).replace("m-<id>", "m-" + seen.get("model", "?"))
             .replace("<grid point or trial run id>", seen.get("point", "?"))
             .replace("path/to/my_images", str(images)).replace("path/to/images", str(images)))
 
