@@ -10,12 +10,12 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 
 import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
-                             ReportConfig, TrainConfig, TuneConfig)
+                             ReportConfig, TrainConfig, TuneConfig, parameters)
 from pipeline.quiet import quiet
 from pipeline.storage import check_store, quiet_store_errors, write_error
 
@@ -45,7 +45,7 @@ STEPS = {
 def config_options(cls):
     """Click options for every field of a config dataclass: --field-name, its type, default and help."""
     def decorate(command):
-        required_first = sorted(fields(cls), key=lambda f: f.default is not MISSING)
+        required_first = sorted(parameters(cls), key=lambda f: f.default is not MISSING)
         for f in reversed(required_first):
             required = f.default is MISSING
             command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=f.type, required=required,
@@ -65,7 +65,7 @@ def run_step(cls, target: str, options: dict):
         quiet_store_errors()
         import mlflow
 
-        click.echo(f"tracking store: {mlflow.get_tracking_uri()}", err=True)
+        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
         return function(target)(cfg)
 
 

@@ -5,10 +5,11 @@ Every entry point is a step of pipeline.cli with one parameter per config field 
 and default), passed on to the command as --field-name; tests/test_cli.py checks both are current.
 """
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 
 from pipeline.cli import STEPS
+from pipeline.config import parameters
 
 HEADER = """# Entry points of the pipeline, generated from pipeline/config.py by `python -m pipeline.mlproject`
 # (tests/test_cli.py checks it is current). Run with `mlflow run . -e STEP -P name=value`.
@@ -25,7 +26,7 @@ def render() -> str:
     lines = [HEADER.rstrip("\n")]
     for step, (cls, _, _) in STEPS.items():
         lines += [f"  {step}:", "    parameters:"]
-        ordered = sorted(fields(cls), key=lambda f: f.default is not MISSING)  # required ones first
+        ordered = sorted(parameters(cls), key=lambda f: f.default is not MISSING)  # required ones first
         for f in ordered:
             kind = TYPES[f.type if isinstance(f.type, type) else eval(f.type)]
             if f.default is MISSING:
@@ -43,7 +44,7 @@ def parameter_table() -> str:
     help (per entry point where they differ, e.g. output: predictions.csv for predict, report.md for report)."""
     seen = {}
     for step, (cls, _, _) in STEPS.items():
-        for f in fields(cls):
+        for f in parameters(cls):
             seen.setdefault(f.name, []).append((step, f))
     lines = ["| parameter | entry points | default | meaning |", "| --- | --- | --- | --- |"]
     for name, taken in seen.items():

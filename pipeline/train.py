@@ -53,8 +53,11 @@ class TrainResult:
 
 
 class _LogEpochs(keras.callbacks.Callback):
+    """Per-epoch metrics; Keras' loss and accuracy (of the training batches) as train_loss and
+    train_accuracy, so that no one reads them as test figures."""
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+        mlflow.log_metrics({(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in (logs or {}).items()},
+                           step=epoch)
 
 
 def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult:
@@ -68,7 +71,7 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult
 
     The same seed and data give the same metrics on a CPU (pipeline.reproducibility).
     Logs: tags seed, data_digest, version.<package>, version.python, platform, engine and
-    precision; every parameter and config.json; per-epoch loss, accuracy, val_loss, val_accuracy
+    precision; every parameter and config.json; per-epoch train_loss, train_accuracy, val_loss, val_accuracy
     (phase 2's steps continue phase 1's); learning_time_s (fit's wall clock, both phases);
     best_epoch, best_val_accuracy and best_val_loss of the restored weights; with two phases
     finetune_start_epoch and finetune_time_s; plots/learning_curves.png; on cached features

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import subprocess
-from dataclasses import fields
 from pathlib import Path
 
 import mlflow
@@ -21,6 +20,7 @@ import yaml
 
 from conftest import make_dataset
 from pipeline import cli as cli_module
+from pipeline.config import parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "python benchmarks/", "export ")
@@ -65,7 +65,7 @@ def test_readme_commands_name_real_steps_and_parameters():
     for command in commands:
         step, params = step_and_params(command)
         assert step in cli_module.STEPS, command
-        assert set(params) <= {f.name for f in fields(cli_module.STEPS[step][0])}, command
+        assert set(params) <= {f.name for f in parameters(cli_module.STEPS[step][0])}, command
         if command.startswith("mlflow run"):
             assert set(params) <= set(entry_points[step]["parameters"]), command
         else:
@@ -76,7 +76,7 @@ def test_readme_commands_name_real_steps_and_parameters():
 def shrink(command: str) -> str:
     """The command with SHRINK's settings for the parameters its step takes, and the project by path."""
     step, params = step_and_params(command)
-    taken = {f.name for f in fields(cli_module.STEPS[step][0])} & set(SHRINK)
+    taken = {f.name for f in parameters(cli_module.STEPS[step][0])} & set(SHRINK)
     if params.get("weights") == "imagenet":
         taken.discard("weights")  # the README says where this fails offline
     if command.startswith("mlflow run"):
