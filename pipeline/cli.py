@@ -131,6 +131,11 @@ def one_line_errors():
         yield
     except PipelineError as e:
         raise click.ClickException(str(e)) from None
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "tensorflow":
+            raise
+        raise click.ClickException('TensorFlow is not installed: pip install -e ".[cpu]", or ".[gpu]" on Linux '
+                                   "with an NVIDIA GPU") from None
     except Exception as e:
         message = write_error(e)
         if message is None:

@@ -11,6 +11,7 @@ Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`) and benc
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -73,14 +74,14 @@ def test_readme_commands_name_real_steps_and_parameters():
             cli_module.cli.commands[step].make_context(step, args)  # raises on a bad option or value
 
 
-def shrink(command: str) -> str:
+def shrink(command: str, project: Path = ROOT) -> str:
     """The command with SHRINK's settings for the parameters its step takes, and the project by path."""
     step, params = step_and_params(command)
     taken = {f.name for f in parameters(cli_module.STEPS[step][0])} & set(SHRINK)
     if params.get("weights") == "imagenet":
         taken.discard("weights")  # the README says where this fails offline
     if command.startswith("mlflow run"):
-        command = command.replace("mlflow run . ", f"mlflow run {shlex.quote(str(ROOT))} ", 1)
+        command = command.replace("mlflow run . ", f"mlflow run {shlex.quote(str(project))} ", 1)
         command = re.sub(r" -P (\w+)=\S+", lambda m: "" if m.group(1) in taken else m.group(0), command)
         return command + "".join(f" -P {k}={SHRINK[k]}" for k in sorted(taken))
     command = re.sub(r" --([\w-]+) \S+", lambda m: "" if m.group(1).replace("-", "_") in taken else m.group(0), command)
@@ -121,9 +122,13 @@ def test_readme_runs_top_to_bottom_in_a_new_shell(tmp_path):
     else:
         pytest.fail(f"the README's export points at {env['PIPELINE_DATA_DIR']}, which has no blood_cells")
     env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    # `mlflow run` runs its command in the project's folder, which gets optuna.db and mlruns/: a copy's
+    project = shutil.copytree(ROOT, tmp_path / "project", ignore=shutil.ignore_patterns(".*", "__pycache__", "mlruns",
+                                                                                        "mlartifacts", "*.db", "tests"))
     seen = {}
     for command in filter(runs, readme_commands()):
-        run = fill(shrink(command) if step_and_params(command) else command, seen, tmp_path, env["MLFLOW_TRACKING_URI"])
+        shrunk = shrink(command, project) if step_and_params(command) else command
+        run = fill(shrunk, seen, tmp_path, env["MLFLOW_TRACKING_URI"])
         done = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True)
         if (step_and_params(command) or ("", {}))[1].get("weights") == "imagenet":  # offline here
             assert done.returncode != 0 and OFFLINE in done.stderr.splitlines()[-1], run
