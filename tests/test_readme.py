@@ -121,7 +121,8 @@ def test_readme_runs_top_to_bottom_in_a_new_shell(tmp_path):
             break
     else:
         pytest.fail(f"the README's export points at {env['PIPELINE_DATA_DIR']}, which has no blood_cells")
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
+            "PYTHONPATH": str(ROOT)}  # this checkout's pipeline, whichever the editable install points at
     # `mlflow run` runs its command in the project's folder, which gets optuna.db and mlruns/: a copy's
     project = shutil.copytree(ROOT, tmp_path / "project", ignore=shutil.ignore_patterns(".*", "__pycache__", "mlruns",
                                                                                         "mlartifacts", "*.db", "tests"))
