@@ -95,15 +95,18 @@ def main_checkout() -> Path:
 
 
 def fill(command: str, seen: dict[str, str], folder: Path, store: str) -> str:
-    """Placeholders replaced by what the last commands printed (the latest prepared data and
-    model), a grid point without a model, or generated images."""
+    """Placeholders replaced by what the commands before printed (the data prepared last from the
+    dataset the command names, or whose model it names; the model trained last), a grid point
+    without a model, or generated images."""
     if "<grid point or trial run id>" in command:
         client = mlflow.MlflowClient(tracking_uri=store)
         experiments = [e.experiment_id for e in client.search_experiments()]
         points = client.search_runs(experiments, filter_string="tags.grid_point != ''")
         seen["point"] = next(r.info.run_id for r in points if "model_uri" not in r.data.tags)
     images = make_dataset(folder / "my_images", n=8) if "path/to/" in command else None
-    return (command.replace("<prepare run id>", seen.get("prepare", "?")).replace("m-<id>", "m-" + seen.get("model", "?"))
+    named = re.search(r"models:/(\w+)-resnet50", command)
+    prepared = seen.get(f"prepare:{named.group(1)}" if named else "prepare", "?")
+    return (command.replace("<prepare run id>", prepared).replace("m-<id>", "m-" + seen.get("model", "?"))
             .replace("<grid point or trial run id>", seen.get("point", "?"))
             .replace("path/to/my_images", str(images)).replace("path/to/images", str(images)))
 
@@ -136,7 +139,8 @@ def test_readme_runs_top_to_bottom_in_a_new_shell(tmp_path):
             continue
         assert done.returncode == 0, f"{command}\n-> {run}\n{done.stderr[-2000:]}"
         assert not re.search(r"E0000|FAILED_PRECONDITION|retracing", done.stdout + done.stderr), run
-        if m := re.search(r"runs:/(\w+)/data", done.stdout):
-            seen["prepare"] = m.group(1)
+        dataset = (step_and_params(command) or ("", {}))[1].get("dataset")
+        if dataset and (m := re.search(r"runs:/(\w+)/data", done.stdout)):  # a step that prepared data
+            seen["prepare"] = seen[f"prepare:{dataset}"] = m.group(1)
         if m := re.search(r"model_uri=models:/m-(\w+)", done.stdout):
             seen["model"] = m.group(1)
