@@ -6,14 +6,18 @@ argument errors answer at once.
 """
 
 import importlib
+import os
+import re
 import signal
+import sys
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 
 import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
-                             ReportConfig, TrainConfig, TuneConfig)
+                             ReportConfig, TrainConfig, TuneConfig, parameters)
+from pipeline.quiet import quiet
 from pipeline.storage import check_store, quiet_store_errors, write_error
 
 # command -> (config class, module:function, one-line help)
@@ -42,7 +46,7 @@ STEPS = {
 def config_options(cls):
     """Click options for every field of a config dataclass: --field-name, its type, default and help."""
     def decorate(command):
-        required_first = sorted(fields(cls), key=lambda f: f.default is not MISSING)
+        required_first = sorted(parameters(cls), key=lambda f: f.default is not MISSING)
         for f in reversed(required_first):
             required = f.default is MISSING
             command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=f.type, required=required,
@@ -56,11 +60,64 @@ def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with one_line_errors():
         cfg = cls(**options)  # before function(target), whose module may import TensorFlow
+        if getattr(cfg, "weights", None) == "imagenet":
+            check_imagenet_weights()
         check_store()
         quiet_store_errors()
+        import mlflow
+
+        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
         from pipeline.liveness import stop_on_signals
         stop_on_signals()  # SIGTERM and SIGINT end the open runs KILLED, resumable
         return function(target)(cfg)
+
+
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+
+
+def check_imagenet_weights(timeout: float = 5) -> None:
+    """Stop in one line, before any work, when the ImageNet weights are neither in Keras' cache
+    nor downloadable (an offline machine), rather than after preparing the whole dataset."""
+    import urllib.request
+
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    if os.path.isfile(os.path.join(keras_home, "models", IMAGENET_URL.rsplit("/", 1)[1])):
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(IMAGENET_URL, method="HEAD"), timeout=timeout).close()
+    except Exception as e:
+        raise PipelineError(f"weights=imagenet, but the ImageNet weights cannot be downloaded here ({type(e).__name__}): "
+                            "use weights=none, a ResNet50 weights .h5 file, or a model URI from an earlier run") from None
+
+
+def under_mlflow_run() -> bool:
+    """`mlflow run` starts the command with the run's id in MLFLOW_RUN_ID; the user typed -P name=value."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def as_typed(message: str) -> str:
+    """A message naming options as the user typed them: --learning-rate, or -P learning_rate under `mlflow run`."""
+    if not under_mlflow_run():
+        return message
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9_-]*)", lambda m: "-P " + m.group(1).replace("-", "_"), message)
+
+
+class Pipeline(click.Group):
+    """Under `mlflow run`, errors and hints speak of -P name=value, and there is no usage text of
+    `python -m pipeline` (which the user never typed)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        if not under_mlflow_run():
+            return super().main(args, prog_name, **extra)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            click.echo("Error: " + as_typed(e.format_message()), err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
 
 
 def function(target: str):
@@ -84,6 +141,11 @@ def one_line_errors():
                                     "run the same command again to continue")
         stop.exit_code = 128 + getattr(signal.Signals, signame).value
         raise stop from None
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "tensorflow":
+            raise
+        raise click.ClickException('TensorFlow is not installed: pip install -e ".[cpu]", or ".[gpu]" on Linux '
+                                   "with an NVIDIA GPU") from None
     except Exception as e:
         message = write_error(e)
         if message is None:
@@ -91,9 +153,13 @@ def one_line_errors():
         raise click.ClickException(message) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli():
+@click.group(cls=Pipeline, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", is_flag=True, envvar="PIPELINE_VERBOSE",
+              help="Show TensorFlow's, absl's, matplotlib's and MLflow's log lines and progress bars.")
+def cli(verbose):
     """Fine-tune a Keras ResNet50 image classifier, tracked with MLflow."""
+    if not verbose:
+        quiet()
 
 
 def _add_step(name, cls, target, help):

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 PRESETS = ("blood_cells", "covid19")
 SPLITS = ("auto", "official", "random")
@@ -99,6 +100,12 @@ CHECKS = {
     "input": (bool, "is required: a folder of images (searched recursively) or one image file"),
     "output": (bool, "is required: the file to write, e.g. predictions.csv"),
 }
+
+
+def parameters(cls) -> list[dataclasses.Field]:
+    """The parameters of a step (CLI options, MLproject, logged params): its config's fields but
+    those its child runs set (a grid's and a study's units, hidden_layers, learning_rate)."""
+    return [f for f in fields(cls) if f.name not in getattr(cls, "VARIED", ())]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +216,7 @@ class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
 @dataclass(frozen=True, kw_only=True)
 class GridConfig(_Search, MainConfig):
     """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""
+    VARIED: ClassVar[tuple[str, ...]] = ("hidden_layers", "units", "learning_rate")  # not parameters of the step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +228,7 @@ class TuneConfig(_Search, MainConfig):
     trials sample units, hidden_layers, learning_rate, dropout, batch_size, pooling and, with
     pretrained weights, fine_tune. So units, hidden_layers and learning_rate here are unused.
     """
+    VARIED: ClassVar[tuple[str, ...]] = ("hidden_layers", "units", "learning_rate")  # not parameters of the step
     n_trials: int = param(50, "finished (complete or pruned) trials the study should have, earlier runs included")
     timeout: int = param(0, "seconds after which a worker starts no new trial; 0: no limit")
     workers: int = param(1, "local worker processes sharing the study (more than 1: prefer a *.journal storage)")

@@ -151,5 +151,6 @@ def _log_table(runs: pd.DataFrame) -> pd.DataFrame:
         (Path(tmp) / "grid_results.md").write_text(table.to_markdown(index=False) + "\n")
         runs.to_csv(Path(tmp) / "grid_runs.csv", index=False)
         mlflow.log_artifacts(tmp)
-    mlflow.log_figure(grid_chart(table), "plots/grid.png")
+    chosen = int(runs["best_val_accuracy"].to_numpy().argmax())  # the first best, as grid() picks it
+    mlflow.log_figure(grid_chart(table, chosen), "plots/grid.png")
     return table

@@ -5,10 +5,11 @@ Every entry point is a step of pipeline.cli with one parameter per config field 
 and default), passed on to the command as --field-name; tests/test_cli.py checks both are current.
 """
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 
 from pipeline.cli import STEPS
+from pipeline.config import parameters
 
 HEADER = """# Entry points of the pipeline, generated from pipeline/config.py by `python -m pipeline.mlproject`
 # (tests/test_cli.py checks it is current). Run with `mlflow run . -e STEP -P name=value`.
@@ -25,7 +26,7 @@ def render() -> str:
     lines = [HEADER.rstrip("\n")]
     for step, (cls, _, _) in STEPS.items():
         lines += [f"  {step}:", "    parameters:"]
-        ordered = sorted(fields(cls), key=lambda f: f.default is not MISSING)  # required ones first
+        ordered = sorted(parameters(cls), key=lambda f: f.default is not MISSING)  # required ones first
         for f in ordered:
             kind = TYPES[f.type if isinstance(f.type, type) else eval(f.type)]
             if f.default is MISSING:
@@ -39,16 +40,34 @@ def render() -> str:
 
 
 def parameter_table() -> str:
-    """The README's table: each parameter once, with the entry points that take it, its default and help."""
+    """The README's table: each parameter once, with the entry points that take it, its default and
+    help (per entry point where they differ, e.g. output: predictions.csv for predict, report.md for report)."""
     seen = {}
     for step, (cls, _, _) in STEPS.items():
-        for f in fields(cls):
-            seen.setdefault(f.name, (f, []))[1].append(step)
+        for f in parameters(cls):
+            seen.setdefault(f.name, []).append((step, f))
     lines = ["| parameter | entry points | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, (f, steps) in seen.items():
-        default = "required" if f.default is MISSING else ('""' if f.default == "" else f"`{f.default}`")
-        lines.append(f"| `{name}` | {', '.join(steps)} | {default} | {f.metadata.get('help', '')} |")
+    for name, taken in seen.items():
+        defaults = {step: _default(f) for step, f in taken}
+        helps = {step: f.metadata.get("help", "") for step, f in taken}
+        default = _per_step(defaults, "{value} ({step})", ", ")
+        meaning = _per_step(helps, "{step}: {value}", "; ")
+        lines.append(f"| `{name}` | {', '.join(defaults)} | {default} | {meaning} |")
     return "\n".join(lines)
+
+
+def _default(f) -> str:
+    return "required" if f.default is MISSING else ('""' if f.default == "" else f"`{f.default}`")
+
+
+def _per_step(values: dict[str, str], form: str, sep: str) -> str:
+    """The one value all steps share, or each value with the steps that have it."""
+    groups = {}
+    for step, value in values.items():
+        groups.setdefault(value, []).append(step)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return sep.join(form.format(step=", ".join(steps), value=value) for value, steps in groups.items())
 
 
 def with_table(readme: str) -> str:

@@ -39,14 +39,19 @@ def confusion_matrix(cm: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def grid_chart(table: pd.DataFrame) -> plt.Figure:
-    """Test accuracy and learning time per grid point, side by side (the studies' result.png)."""
+def grid_chart(table: pd.DataFrame, chosen: int | None = None) -> plt.Figure:
+    """Test accuracy and learning time per grid point, side by side (the studies' result.png);
+    the chosen point (row position `chosen`: best validation accuracy) outlined and labelled."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, column, colour, fmt in zip(axes, ("Accuracy", "Learning Time(ms)"), ("tab:blue", "tab:orange"),
                                        ("%.4f", "%.0f")):
         bars = ax.bar(table["Model"], table[column], color=colour)
         ax.bar_label(bars, fmt=fmt, fontsize=8)
+        if chosen is not None:
+            bars[chosen].set(edgecolor="black", linewidth=2.5, hatch="//")
         ax.set(title=column, ylabel=column)
         ax.tick_params(axis="x", labelrotation=45)
+    if chosen is not None:
+        fig.suptitle(f"chosen on validation accuracy: {table['Model'].iloc[chosen]} (hatched)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -15,6 +15,11 @@ from dataclasses import asdict
 import mlflow
 
 from pipeline import liveness
+from pipeline.config import URI_SCHEME, parameters
+
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, an assistant panel);
+# these runs are models to compare, the classic machine-learning view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 @contextmanager
@@ -43,11 +48,12 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
         run = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id)
     elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()
+        _classic_view(run.info.experiment_id)
         if run.info.experiment_id == "0" and not cfg.experiment:
             print(f"note: this run is in the Default experiment; `mlflow run --experiment-name {dataset}` "
                   "groups runs per dataset", file=sys.stderr)
     else:
-        mlflow.set_experiment(cfg.experiment or dataset)
+        _classic_view(mlflow.set_experiment(cfg.experiment or dataset).experiment_id)
         run = mlflow.start_run(run_name=run_name or step)
     with ended(run), liveness.heartbeat(run.info.run_id):  # a failure to log the config fails the run too
         mlflow.set_tags(liveness.owner_tags())
@@ -134,13 +140,28 @@ def claim(experiment: str, tags: dict[str, str], step: str, exclusive: bool, pol
             time.sleep(random.uniform(0.2, 2.0))
 
 
-def log_config(cfg, artifact: str = "config.json") -> None:
-    """Log a config as params and as config.json.
+def _classic_view(experiment_id: str) -> None:
+    """Tag the experiment for MLflow's classic machine-learning view, once."""
+    client = mlflow.MlflowClient()
+    if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment_id, key, value)
 
-    Params that `mlflow run` already logged from the command line are left as they are: MLflow
-    refuses to change a param, and "1e-5" and "1e-05" are the same value.
+
+def log_config(cfg, artifact: str = "config.json") -> None:
+    """Log a config as params and tags, and whole as config.json.
+
+    Params are what runs are compared on: the step's parameters (pipeline.config.parameters: a
+    grid's or a study's parent leaves out what its children vary), but URIs (data, model, weights
+    from a run), which go to tags <name>_uri, so that plots and the compare view never take a run
+    id for a setting. Params that `mlflow run` already logged from the command line are left as
+    they are: MLflow refuses to change a param, and "1e-5" and "1e-05" are the same value.
     """
     values = asdict(cfg)
-    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    taken = {f.name: values[f.name] for f in parameters(type(cfg))}
+    uris = {k: v for k, v in taken.items() if isinstance(v, str) and URI_SCHEME.match(v)}
+    mlflow.log_params({k: v for k, v in taken.items() if k not in uris and k not in run.data.params})
+    mlflow.set_tags({f"{k.removesuffix('_uri')}_uri": v for k, v in uris.items()
+                     if f"{k.removesuffix('_uri')}_uri" not in run.data.tags})
     mlflow.log_dict(values, artifact)

@@ -159,10 +159,10 @@ def test_one_seed_gives_identical_metrics(lopsided):
     cfg = TrainConfig(data=lopsided.data_uri, experiment="accuracy-seed", **TINY, fine_tune="5", augment="cells",
                       class_weight="balanced")
     runs = [train(cfg).run_id, train(cfg).run_id, train(replace(cfg, seed=7)).run_id]
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     first, again, other = ({key: metric_history(run, key) for key in keys} for run in runs)
-    assert first == again and len(first["loss"]) == 2
-    assert first["loss"] != other["loss"]  # the seed does decide them
+    assert first == again and len(first["train_loss"]) == 2
+    assert first["train_loss"] != other["train_loss"]  # the seed does decide them
     tags = mlflow.get_run(runs[0]).data.tags
     assert (tags["seed"], tags["data_digest"]) == ("42", lopsided.digest)
     assert (tags["version.tensorflow"], tags["version.keras"], tags["version.mlflow"]) == (

@@ -1,15 +1,18 @@
 """MLproject, the click CLI and the config dataclasses name and default every parameter alike."""
 
+import os
 import subprocess
+import urllib.error
+import urllib.request
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import cli as cli_module
-from pipeline.config import CHECKS, MainConfig, PipelineError, PredictConfig, TrainConfig, TuneConfig
+from pipeline.config import CHECKS, MainConfig, PipelineError, PredictConfig, TrainConfig, TuneConfig, parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
@@ -22,7 +25,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("step", sorted(cli_module.STEPS))
 def test_every_mlproject_parameter_reaches_command_cli_and_config(step):
     entry = MLPROJECT["entry_points"][step]
-    config = {f.name: f for f in fields(cli_module.STEPS[step][0])}
+    config = {f.name: f for f in parameters(cli_module.STEPS[step][0])}
     options = {p.name: p for p in cli_module.cli.commands[step].params if p.name != "help"}
     assert set(entry["parameters"]) == set(config) == set(options)
     for name, spec in entry["parameters"].items():
@@ -129,6 +132,48 @@ def test_fine_tune_and_weights_accept_their_forms(tmp_path):
 def test_readme_documents_every_parameter_and_entry_point():
     readme = (ROOT / "README.md").read_text()
     for step, (cls, _, _) in cli_module.STEPS.items():
-        assert f"-e {step}" in readme or step == "main", step
-        for f in fields(cls):
+        assert (f"-e {step} " if step != "main" else "mlflow run . --env-manager local -P dataset=") in readme, step
+        for f in parameters(cls):
             assert f"| `{f.name}` |" in readme, f.name
+
+
+def test_under_mlflow_run_errors_name_parameters_as_typed():
+    """mlflow run passes an undeclared -P name=value on as --name value; the hint speaks -P."""
+    out = subprocess.run([sys.executable, "-m", "pipeline", "main", "--learning_rat", "3"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "MLFLOW_RUN_ID": "0" * 32})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "Error: No such option '-P learning_rat'. (Did you mean one of: '-P finetune_learning_rate', '-P learning_rate'?)"]
+    assert "--learning-rate" in run_cli("main", "--learning-rat", "3").stderr  # the CLI's own form otherwise
+
+
+def test_offline_imagenet_stops_before_any_work(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
+    with pytest.raises(PipelineError, match="weights=imagenet, but .* use weights=none, a ResNet50 weights .h5 file"):
+        cli_module.check_imagenet_weights()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / cli_module.IMAGENET_URL.rsplit("/", 1)[1]).write_bytes(b"")
+    cli_module.check_imagenet_weights()  # in Keras' cache: no download needed
+
+
+def test_quiet_drops_noise_and_keeps_errors():
+    from pipeline.quiet import noise
+
+    for line in (b"I0000 00:00:1796218159.487533    6430 port.cc:153] oneDNN custom operations are on.",
+                 b"W0000 00:00:1796218159.4 12 cuda_dnn.cc:8] something",
+                 b"E0000 00:00:1796218116.840528 5131 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512.",
+                 b"2026-01-01 W tensorflow/core/framework/op_kernel.cc:1] FAILED_PRECONDITION: Python interpreter state",
+                 b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"):
+        assert noise(line), line
+    for line in (b"Error: invalid epochs=0: must be a positive number", b"Traceback (most recent call last):",
+                 b"E0000 00:00:1.2 1 cuda.cc:1] CUDA error: out of memory", b"F0000 00:00:1.2 1 x.cc:1] Check failed"):
+        assert not noise(line), line
+
+
+def test_a_step_prints_its_tracking_store_first(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "report", "--dataset", "nothing-here"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert out.stdout.splitlines()[0] == f"tracking store: sqlite:///{tmp_path}/m.db" and out.returncode == 1
