@@ -49,6 +49,10 @@ def main():
         walls = [(t.datetime_complete - t.datetime_start).total_seconds() for t in sorted(trials, key=lambda t: t.number)]
         fits = runs["metrics.learning_time_s"].dropna()
         artifacts_mb = sum(folder_mb(Path(folder, name)) for name in ("mlartifacts", "mlruns"))
+        largest = sorted(((f.stat().st_size, f) for name in ("mlartifacts", "mlruns")
+                          for f in Path(folder, name).rglob("*") if f.is_file()), reverse=True)[:5]
+        for size, path in largest:
+            print(f"artifact {size / 2**20:.1f} MB {path.relative_to(folder)}")
     per_trial = sum(walls[1:]) / max(len(walls) - 1, 1)  # the first trial extracts the features
     print(cpu_line())
     print(f"trials={len(trials)} (complete {result.n_complete}, pruned {result.n_pruned}) "

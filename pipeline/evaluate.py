@@ -18,7 +18,7 @@ from pipeline.features import Backbone, split_features
 from pipeline.keys import class_keys
 from pipeline.model import builder_of, resolve_precision
 from pipeline.plots import confusion_matrix
-from pipeline.tracking import step_run
+from pipeline.tracking import log_input, step_run
 
 # Copied onto the model's training run so that runs compare on test figures in the MLflow UI.
 SUMMARY = ("test_accuracy", "test_loss", "test_macro_f1", "test_roc_auc")
@@ -107,7 +107,7 @@ def _test_rows(data: prepared.PreparedData, uri: str) -> pd.DataFrame:
 
 def _log_scores(data: prepared.PreparedData, test: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
     """Log the test metrics, tables and figure of probs into the active run; print the summary."""
-    mlflow.log_input(data.mlflow_dataset("test"), context="test")
+    log_input(data.mlflow_dataset("test"), "test")
     scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
     mlflow.log_metrics(scores)
     _log_tables(cm, test, probs, data.class_names)

@@ -12,7 +12,7 @@ from pipeline.config import PipelineError, PrepareConfig
 from pipeline.keys import class_keys
 from pipeline.prepared import ARTIFACT_PATH, PreparedData, data_root
 from pipeline.storage import ensure_space, local_folder
-from pipeline.tracking import step_run
+from pipeline.tracking import log_input, step_run
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _log(data: PreparedData, counts: pd.DataFrame, skipped: pd.DataFrame) -> Non
         if (folder := local_folder(mlflow.get_artifact_uri())) is not None:
             ensure_space(folder, sum(f.stat().st_size for f in Path(tmp).iterdir()), "the prepared data")
         mlflow.log_artifacts(tmp, ARTIFACT_PATH)
-    mlflow.log_input(data.mlflow_dataset(), context="prepare")
+    log_input(data.mlflow_dataset(), "prepare")
     mlflow.set_tag("data_digest", data.digest)
     totals = {f"n_{split}": int(n) for split, n in counts.sum().items()}
     keys = class_keys(counts.index)

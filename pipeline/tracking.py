@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from pipeline import liveness
 from pipeline.config import URI_SCHEME, parameters
@@ -138,6 +139,19 @@ def claim(experiment: str, tags: dict[str, str], step: str, exclusive: bool, pol
             client.set_terminated(run.info.run_id, "KILLED")
             client.delete_run(run.info.run_id)
             time.sleep(random.uniform(0.2, 2.0))
+
+
+def log_input(dataset, context: str) -> None:
+    """mlflow.log_input, tried again when another process logged the same dataset at that moment:
+    the store's unique key on (experiment, name, digest) makes concurrent first inserts race
+    (three tune commands starting together), and the retry then links the existing dataset."""
+    for attempt in range(4):
+        try:
+            return mlflow.log_input(dataset, context=context)
+        except MlflowException as e:
+            if attempt == 3 or "unique" not in str(e).lower():
+                raise
+            time.sleep(random.uniform(0.2, 1.0))
 
 
 def _classic_view(experiment_id: str) -> None:

@@ -14,10 +14,11 @@ from pipeline.card import ModelCard, log_model
 from pipeline.config import LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
 from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
-from pipeline.model import backbone_identity, build_head, build_model, compile_for_training, resolve_precision, set_fine_tune
+from pipeline.model import (backbone_identity, build_head, build_model, builder_of, compile_for_training,
+                            resolve_precision, set_fine_tune)
 from pipeline.plots import learning_curves
 from pipeline.reproducibility import make_deterministic, run_tags
-from pipeline.tracking import step_run
+from pipeline.tracking import log_input, step_run
 
 
 @dataclass
@@ -86,8 +87,8 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult
     """
     data = prepared.load(cfg.data)
     with step_run("train", cfg, data.name) as run:
-        mlflow.log_input(data.mlflow_dataset("train"), context="training")
-        mlflow.log_input(data.mlflow_dataset("val"), context="validation")
+        log_input(data.mlflow_dataset("train"), "training")
+        log_input(data.mlflow_dataset("val"), "validation")
         mlflow.set_tags(run_tags(cfg.seed, data.digest))
         trained = fit(cfg, data, callbacks, log=True)
         best = trained.best_epoch
@@ -152,9 +153,16 @@ def log_trained(trained: Trained) -> str:
                      data_digest=data.digest, config=asdict(cfg),
                      backbone=backbone_identity(cfg.weights, cfg.seed), backbone_digest=digest)
     example = load_images(data.split("train")["path"].iloc[:1], cfg.image_size)
-    info = log_model(model, card, example)
+    info = log_model(without_optimizer(model, cfg, len(data.class_names)), card, example)
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
+
+
+def without_optimizer(model: keras.Model, cfg: TrainConfig, n_classes: int) -> keras.Model:
+    """model rebuilt uncompiled with its weights: Keras saves a compiled model's (or nested
+    head's) Adam moments too, twice the size of what they train (a 512-unit flatten head at
+    224 px: 400 MB more), and clone_model keeps a nested model's optimizer."""
+    return builder_of(model, asdict(cfg), n_classes)(resolve_precision(cfg.precision))
 
 
 @dataclass(frozen=True)

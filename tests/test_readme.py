@@ -24,7 +24,7 @@ from pipeline import cli as cli_module
 from pipeline.config import parameters
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "python benchmarks/", "export ")
+NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "mlflow server", "python benchmarks/", "export ")
 OFFLINE = "Error: weights=imagenet, but the ImageNet weights cannot be downloaded here"
 # What the slow run sets for every step that takes the parameter: the README's commands, shrunk.
 SHRINK = {"max_per_class": "8", "image_size": "32", "epochs": "1", "weights": "none", "n_trials": "2",
@@ -34,12 +34,13 @@ SHRINK = {"max_per_class": "8", "image_size": "32", "epochs": "1", "weights": "n
 def readme_commands() -> list[str]:
     """The shell commands of the README's bash blocks, in order, comments dropped, `a && b` split."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in "\n".join(blocks).splitlines()]
+    text = "\n".join(blocks).replace("\\\n", " ")  # a line ending in \ goes on on the next
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
     return [command.strip() for line in lines if line for command in line.split(" && ")]
 
 
 def runs(command: str) -> bool:
-    return not (command.startswith(NOT_RUN) or "benchmarks/" in command)
+    return not (command.startswith(NOT_RUN) or "benchmarks/" in command or "@dbhost" in command)
 
 
 def step_and_params(command: str) -> tuple[str, dict[str, str]] | None:
