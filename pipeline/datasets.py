@@ -201,26 +201,23 @@ class Walk:
         return True
 
     def _enter(self, folder: str) -> bool:
-        try:
-            st = os.stat(folder)
-        except OSError as e:
-            self.skipped.append((printable(folder), f"cannot read folder: {e.strerror}"))
-            return False
-        first = self.folders.setdefault(_id(st), folder)
-        if first != folder:
-            self.skipped.append((printable(folder), f"same folder as {printable(first)} (symbolic link), walked once"))
-            return False
-        return True
+        return self._once(folder, self.folders, "cannot read folder",
+                          "same folder as {} (symbolic link), walked once")
 
     def _first(self, path: str) -> bool:
+        return self._once(path, self.found, "broken link or unreadable entry", "same file as {}, counted once")
+
+    def _once(self, path: str, seen: dict, unreadable: str, twin: str) -> bool:
+        """Whether path (a folder or file, links followed) is readable and the first path to its
+        real entry in seen; otherwise it is listed as skipped with the reason."""
         try:
             st = os.stat(path)
         except OSError as e:
-            self.skipped.append((printable(path), f"broken link or unreadable entry: {e.strerror}"))
+            self.skipped.append((printable(path), f"{unreadable}: {e.strerror}"))
             return False
-        first = self.found.setdefault(_id(st), path)
+        first = seen.setdefault(_id(st), path)
         if first != path:
-            self.skipped.append((printable(path), f"same file as {printable(first)}, counted once"))
+            self.skipped.append((printable(path), twin.format(printable(first))))
             return False
         return True
 

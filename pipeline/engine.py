@@ -76,6 +76,14 @@ def compile_model(build: Callable[[str], keras.Model], engine: str, precision: s
     return _TensorFlow(build(precision), precision)
 
 
+def compile_classifier(model: keras.Model, config: dict, n_classes: int, engine: str, precision: str) -> Runner:
+    """A Runner of a whole image-to-class model of pipeline.model, rebuilt per dtype policy from its
+    TrainConfig values (config) with its own weights; engine as the user gave it (auto resolved)."""
+    from pipeline.model import builder_of
+
+    return compile_model(builder_of(model, config, n_classes), resolve_engine(engine), precision)
+
+
 class _OpenVINO(Runner):
     engine = "openvino"
 

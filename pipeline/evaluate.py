@@ -13,10 +13,10 @@ from pipeline import prepared
 from pipeline.card import ModelCard, load_model
 from pipeline.config import EvaluateConfig, PipelineError
 from pipeline.data import make_dataset
-from pipeline.engine import compile_model, resolve_engine
+from pipeline.engine import compile_classifier, resolve_engine
 from pipeline.features import Backbone, split_features
 from pipeline.keys import class_keys
-from pipeline.model import builder_of, resolve_precision
+from pipeline.model import resolve_precision
 from pipeline.plots import confusion_matrix
 from pipeline.tracking import log_input, step_run
 
@@ -136,8 +136,7 @@ def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
 
 def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int) -> np.ndarray:
     """Probabilities of the whole image-to-class model over rows' images, on engine."""
-    build = builder_of(model, config, n_classes)
-    runner = compile_model(build, resolve_engine(engine), resolve_precision(config.get("precision", "auto")))
+    runner = compile_classifier(model, config, n_classes, engine, resolve_precision(config.get("precision", "auto")))
     batches = (images.numpy() for images, _ in make_dataset(rows, config["image_size"], batch_size))
     return runner.run(batches, np.empty((len(rows), n_classes), np.float32))
 

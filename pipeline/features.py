@@ -143,7 +143,7 @@ def _mapped(path: str, inode: int, size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _verified_checksum(path: str, inode: int, size: int, mtime_ns: int) -> int:
     """The checksum of a cache file, computed once per process and version of the file."""
-    return _checksum(_mapped(path, inode, size))
+    return _scan(_mapped(path, inode, size), check_finite=False)[0]
 
 
 def _blocks(features: np.ndarray, rows: int = 256):
@@ -151,12 +151,14 @@ def _blocks(features: np.ndarray, rows: int = 256):
         yield features[start:start + rows]
 
 
-def _checksum(features: np.ndarray) -> int:
-    """Adler-32 of an array's bytes (GB/s), block by block: a memmap is never copied whole."""
-    value = 1
+def _scan(features: np.ndarray, check_finite: bool = True) -> tuple[int, bool]:
+    """(Adler-32 of an array's bytes, whether every value is finite), in one pass block by block:
+    a memmap is never copied whole."""
+    value, finite = 1, True
     for block in _blocks(features):
         value = zlib.adler32(np.ascontiguousarray(block).view(np.uint8), value)
-    return value
+        finite = finite and (not check_finite or bool(np.isfinite(block).all()))
+    return value, finite
 
 
 @functools.lru_cache(maxsize=2)
@@ -194,12 +196,13 @@ def _extract(rows: pd.DataFrame, backbone: Backbone, folder: Path, batch_size: i
                 progress.add(len(batch))
 
         runner.run(images(), out)
-        if not all(np.isfinite(block).all() for block in _blocks(out)):
+        checksum, finite = _scan(out)
+        if not finite:
             raise PipelineError(f"the backbone gave non-finite features ({backbone.engine}, {backbone.precision}): "
                                 "check the weights, or use precision=float32")
         out.flush()
         meta = {"shape": list(out.shape), "bytes": partial.stat().st_size, "rows": len(rows),
-                "adler32": _checksum(out), "backbone_digest": digest, "engine": backbone.engine,
+                "adler32": checksum, "backbone_digest": digest, "engine": backbone.engine,
                 "precision": backbone.precision, "rel_error": rel_error}
         del out
         os.replace(partial, folder / "features.npy")

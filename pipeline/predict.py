@@ -39,7 +39,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     from pipeline.card import load_model  # TensorFlow: only once there is something to classify
 
     model, card, _ = load_model(cfg.model)
-    probs = _probabilities(model, card, usable["path"].tolist(), cfg)
+    probs = file_probabilities(model, card, usable["path"].tolist(), cfg.engine, cfg.batch_size, progress=True)
     table = _table(usable["path"], probs, card.class_names, skipped)
     _write_atomically(table, Path(cfg.output))
     print(f"wrote {len(usable)} prediction(s) to {cfg.output}"
@@ -47,16 +47,16 @@ def predict(cfg: PredictConfig) -> PredictResult:
     return PredictResult(cfg.output, len(usable), len(skipped))
 
 
-def _probabilities(model, card, paths: list[str], cfg: PredictConfig) -> np.ndarray:
-    """The whole model's class probabilities for image files, on cfg.engine (pipeline.engine)."""
+def file_probabilities(model, card, paths: list[str], engine: str, batch_size: int, progress: bool = False
+                       ) -> np.ndarray:
+    """A whole model's class probabilities for image files (decoded as in training), on engine."""
     from pipeline.data import load_images
-    from pipeline.engine import compile_model, resolve_engine
-    from pipeline.model import builder_of
+    from pipeline.engine import compile_classifier
 
-    runner = compile_model(builder_of(model, card.config, len(card.class_names)), resolve_engine(cfg.engine),
-                           card.precision)
-    starts = tqdm(range(0, len(paths), cfg.batch_size), desc="predict", unit="batch")
-    batches = (load_images(paths[i:i + cfg.batch_size], card.image_size) for i in starts)
+    runner = compile_classifier(model, card.config, len(card.class_names), engine, card.precision)
+    starts = range(0, len(paths), batch_size)
+    starts = tqdm(starts, desc="predict", unit="batch") if progress else starts
+    batches = (load_images(paths[i:i + batch_size], card.image_size) for i in starts)
     return runner.run(batches, np.empty((len(paths), len(card.class_names)), np.float32))
 
 

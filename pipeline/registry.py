@@ -158,17 +158,12 @@ def shared_validation_rows(challenger: ModelCard, champion: ModelCard) -> pd.Dat
 
 def accuracy_on(model_uri: str, rows: pd.DataFrame, batch_size: int = 32) -> float:
     """The accuracy of the model at model_uri on rows (path, label), run as predict runs it."""
-    from pipeline.data import load_images
-    from pipeline.engine import compile_model
-    from pipeline.model import builder_of
+    from pipeline.predict import file_probabilities
 
     model, card, _ = load_model(model_uri)
     # TensorFlow, not OpenVINO: a second OpenVINO model in a process that has run training hung
     # in AsyncInferQueue once (not understood yet); a few hundred validation images are cheap.
-    runner = compile_model(builder_of(model, card.config, len(card.class_names)), "tensorflow", card.precision)
-    paths = rows["path"].tolist()
-    batches = (load_images(paths[i:i + batch_size], card.image_size) for i in range(0, len(paths), batch_size))
-    probs = runner.run(batches, np.empty((len(paths), len(card.class_names)), np.float32))
+    probs = file_probabilities(model, card, rows["path"].tolist(), "tensorflow", batch_size)
     return float(np.mean(np.array(card.class_names)[probs.argmax(axis=1)] == rows["label"].to_numpy()))
 
 

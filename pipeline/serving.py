@@ -59,13 +59,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import keras
 
         from pipeline.card import ModelCard
-        from pipeline.engine import compile_model, resolve_engine
-        from pipeline.model import builder_of
+        from pipeline.engine import compile_classifier
 
         self.card = ModelCard.from_metadata(json.loads(Path(context.artifacts[CARD_ARTIFACT]).read_text()))
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        build = builder_of(self.keras_model, self.card.config, len(self.card.class_names))
-        self.runner = compile_model(build, resolve_engine("auto"), self.card.precision)
+        self.runner = compile_classifier(self.keras_model, self.card.config, len(self.card.class_names), "auto",
+                                         self.card.precision)
 
     def predict(self, context, model_input, params=None):
         images = _images_of(model_input)

@@ -35,6 +35,11 @@ class Trained:
     backbone_digest: str = ""  # of those features' weights
 
     @property
+    def engine(self) -> str:
+        """The engine that computed the features the head trained on; tensorflow for a whole model."""
+        return self.backbone.engine if self.backbone else "tensorflow"
+
+    @property
     def is_head(self) -> bool:
         return self.backbone is not None and self.model.name == "head"
 
@@ -115,8 +120,7 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
         model = build_model(cfg, len(data.class_names))
         trained = Trained(model, cfg, data, *_fit_on_images(model, job), phase_2=None)
     if log:
-        used = {"device": _device(), "precision": resolve_precision(cfg.precision),
-                "engine": trained.backbone.engine if trained.backbone else "tensorflow"}
+        used = {"device": _device(), "precision": resolve_precision(cfg.precision), "engine": trained.engine}
         mlflow.set_tags(used)
         print("trained on " + ", ".join(f"{k} {v}" for k, v in used.items()))
     if cfg.finetune_epochs:
@@ -141,7 +145,7 @@ def log_trained(trained: Trained) -> str:
     """Assemble the whole image-to-class model of trained (a head gets its backbone) and log it
     with its model card into the active run; its model URI."""
     cfg, data = trained.cfg, trained.data
-    model = build_model(cfg, len(data.class_names), head=trained.model) if trained.is_head else trained.model
+    model = _whole_model(trained)
     digest = weights_digest(model.get_layer("resnet50"))
     if trained.backbone_digest and digest != trained.backbone_digest:
         raise PipelineError(f"the backbone rebuilt for the model ({digest}) is not the one whose cached features "
@@ -149,20 +153,26 @@ def log_trained(trained: Trained) -> str:
                             "(cache_dir) and train again")
     card = ModelCard(class_names=data.class_names, image_size=cfg.image_size,
                      precision=resolve_precision(cfg.precision),
-                     engine=trained.backbone.engine if trained.backbone else "tensorflow", dataset=data.name,
+                     engine=trained.engine, dataset=data.name,
                      data_digest=data.digest, config=asdict(cfg),
                      backbone=backbone_identity(cfg.weights, cfg.seed), backbone_digest=digest)
     example = load_images(data.split("train")["path"].iloc[:1], cfg.image_size)
-    info = log_model(without_optimizer(model, cfg, len(data.class_names)), card, example)
+    info = log_model(model, card, example)
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_uri
 
 
-def without_optimizer(model: keras.Model, cfg: TrainConfig, n_classes: int) -> keras.Model:
-    """model rebuilt uncompiled with its weights: Keras saves a compiled model's (or nested
-    head's) Adam moments too, twice the size of what they train (a 512-unit flatten head at
-    224 px: 400 MB more), and clone_model keeps a nested model's optimizer."""
-    return builder_of(model, asdict(cfg), n_classes)(resolve_precision(cfg.precision))
+def _whole_model(trained: Trained) -> keras.Model:
+    """The whole image-to-class model of trained, uncompiled: Keras saves a compiled model's (or
+    nested head's) Adam moments too, twice the size of what they train (a 512-unit flatten head
+    at 224 px: 400 MB more), and clone_model keeps a nested model's optimizer. A head is copied
+    into a new one inside its backbone's model; a model trained whole is rebuilt with its weights."""
+    cfg, n_classes = trained.cfg, len(trained.data.class_names)
+    if trained.is_head:
+        head = build_head(trained.model.input_shape[1:], cfg, n_classes)
+        head.set_weights(trained.model.get_weights())
+        return build_model(cfg, n_classes, head=head)
+    return builder_of(trained.model, asdict(cfg), n_classes)(resolve_precision(cfg.precision))
 
 
 @dataclass(frozen=True)
