@@ -107,8 +107,7 @@ def claim(experiment: str, tags: dict[str, str], step: str, exclusive: bool, pol
     if os.environ.get("MLFLOW_RUN_ID"):
         return None
     client = mlflow.MlflowClient()
-    found = mlflow.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = _experiment_id(client, experiment)
     mlflow.set_experiment(experiment_id=experiment_id)  # MLflow resumes a run only in the active experiment
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     waiting = None
@@ -139,6 +138,21 @@ def claim(experiment: str, tags: dict[str, str], step: str, exclusive: bool, pol
             client.set_terminated(run.info.run_id, "KILLED")
             client.delete_run(run.info.run_id)
             time.sleep(random.uniform(0.2, 2.0))
+
+
+def _experiment_id(client, name: str) -> str:
+    """The id of experiment name, created if missing; another command creating it at that moment
+    (RESOURCE_ALREADY_EXISTS) is not an error: its experiment is the one."""
+    found = mlflow.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def log_input(dataset, context: str) -> None:
