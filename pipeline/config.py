@@ -80,6 +80,7 @@ CHECKS = {
     "epochs": (_within(1, EPOCHS_MAX), f"must be from 1 to {EPOCHS_MAX} epochs"),
     "batch_size": (_within(1, BATCH_SIZE_MAX), f"must be from 1 to {BATCH_SIZE_MAX} images, e.g. 32"),
     "patience": (_within(1, EPOCHS_MAX), f"must be from 1 to {EPOCHS_MAX} epochs without improvement"),
+    "min_delta": (lambda v: 0 <= v < 1, "must be a val_loss drop from 0 (any drop counts) to below 1, e.g. 1e-4"),
     "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
     "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
     "finetune_epochs": (_within(0, EPOCHS_MAX), f"must be 0 (one phase) or a number of epochs for phase 2 up to "
@@ -157,6 +158,7 @@ class ModelParams(_Config):
     epochs: int = param(10, "maximum number of epochs")
     batch_size: int = param(32, "images per batch")
     patience: int = param(3, "epochs without a lower val_loss before early stopping")
+    min_delta: float = param(1e-4, "smallest drop in val_loss that counts as lower for early stopping")
     seed: int = param(42, "seed for splitting, sampling, initialisation and shuffling")
     precision: str = param("auto", "float32, mixed_bfloat16, mixed_float16, or auto (by hardware)")
     engine: str = engine_param()

@@ -45,7 +45,24 @@ class Trained:
 
     @property
     def best_epoch(self) -> int:
-        return min(range(len(self.history["val_loss"])), key=self.history["val_loss"].__getitem__)
+        """The epoch whose weights the model holds: each phase's early stopping restores its own
+        best (_restored), and phase 2's is kept only if it beats phase 1's by min_delta."""
+        losses, delta = self.history["val_loss"], self.cfg.min_delta
+        first = _restored(losses[:self.phase_2], delta)
+        if self.phase_2 is None:
+            return first
+        second = self.phase_2 + _restored(losses[self.phase_2:], delta)
+        return second if losses[second] < losses[first] - delta else first
+
+
+def _restored(losses: list, min_delta: float) -> int:
+    """The epoch Keras' EarlyStopping restores: the first, then each one whose val_loss is lower
+    than the last such epoch's by more than min_delta."""
+    best = 0
+    for epoch, loss in enumerate(losses):
+        if loss < losses[best] - min_delta:
+            best = epoch
+    return best
 
 
 @dataclass(frozen=True)
@@ -214,7 +231,8 @@ def _fit(model: keras.Model, train_data, val_data, job: _Job, first_epoch: int =
          epochs: int | None = None) -> tuple[dict, float]:
     """Fit up to epochs (default cfg.epochs) epochs numbered from first_epoch, with early stopping
     on val_loss (best weights restored); (history, wall-clock seconds)."""
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=job.cfg.patience, restore_best_weights=True)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=job.cfg.patience, min_delta=job.cfg.min_delta,
+                                         restore_best_weights=True)
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, initial_epoch=first_epoch,
                         epochs=first_epoch + (epochs or job.cfg.epochs), class_weight=job.class_weight,
@@ -259,8 +277,8 @@ def _fine_tune(trained: Trained, job: _Job) -> None:
     finetune_epochs epochs, numbered on from phase 1's; trained then holds the whole model and
     both phases' history.
 
-    If no phase-2 epoch beats phase 1's best val_loss, phase 1's weights are put back, so the
-    model is always the epoch with the lowest val_loss of either phase.
+    If phase 2's best val_loss does not beat phase 1's by min_delta, phase 1's weights are put back,
+    so the model is always the epoch that best_epoch names.
     """
     cfg, history = job.cfg, trained.history
     model = build_model(cfg, len(trained.data.class_names), head=trained.model) if trained.is_head else trained.model
@@ -268,10 +286,10 @@ def _fine_tune(trained: Trained, job: _Job) -> None:
     set_fine_tune(model.get_layer("resnet50"), cfg.fine_tune, pretrained=cfg.weights != "none")
     more, seconds = _fit_on_images(model, job, cfg.finetune_learning_rate, len(history["val_loss"]),
                                    cfg.finetune_epochs)
-    if min(more["val_loss"]) >= min(history["val_loss"]):
-        model.set_weights(phase_1)
     trained.phase_2 = len(history["val_loss"])
     trained.history = {k: list(history[k]) + list(more[k]) for k in history}
+    if trained.best_epoch < trained.phase_2:
+        model.set_weights(phase_1)
     trained.model, trained.seconds, trained.backbone_digest = model, trained.seconds + seconds, ""
 
 

@@ -16,7 +16,7 @@ from pipeline.config import ModelParams, PipelineError, PrepareConfig, TrainConf
 from pipeline.data import load_images
 from pipeline.model import build_model
 from pipeline.prepare import prepare
-from pipeline.train import class_weights, train, uses_feature_cache
+from pipeline.train import _restored, class_weights, train, uses_feature_cache
 
 TINY = dict(weights="none", image_size=32, epochs=2, batch_size=8, patience=5, learning_rate=1e-3, precision="float32")
 
@@ -167,3 +167,16 @@ def test_one_seed_gives_identical_metrics(lopsided):
     assert (tags["seed"], tags["data_digest"]) == ("42", lopsided.digest)
     assert (tags["version.tensorflow"], tags["version.keras"], tags["version.mlflow"]) == (
         tf.__version__, keras.__version__, mlflow.__version__)
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 1e-4, 0.05])
+def test_best_epoch_is_the_epoch_early_stopping_restores(min_delta):
+    """Trained.best_epoch names the weights the model holds: Keras' EarlyStopping keeps the first
+    epoch, then each whose val_loss beats the kept one's by more than min_delta."""
+    losses = [1.0, 0.99995, 0.96, 0.93, 0.95, 0.92, 0.91995]
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=100, min_delta=min_delta)
+    stop.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    stop.on_train_begin()
+    for epoch, loss in enumerate(losses):
+        stop.on_epoch_end(epoch, {"val_loss": loss})
+    assert _restored(losses, min_delta) == stop.best_epoch == {0.0: 6, 1e-4: 5, 0.05: 3}[min_delta]

@@ -86,7 +86,7 @@ BAD_VALUES = {
     "dataset": "", "split": "x", "seed": -1, "val_fraction": 1.0, "test_fraction": 0.0, "max_per_class": -1, "image_size": 16,
     "weights": "/no/such/file.h5", "fine_tune": "-3", "pooling": "max", "units": 0, "hidden_layers": -1,
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
-    "batch_size": 0, "patience": 0, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
+    "batch_size": 0, "patience": 0, "min_delta": -0.1, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
     "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes", "heartbeat_interval": 0,
     "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "",
