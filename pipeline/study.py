@@ -36,7 +36,10 @@ from pipeline.grid import GRID
 # The search space beyond the grid. fine_tune is searched only with pretrained weights: a
 # random backbone's features are noise, and unfreezing some of its layers is training from
 # scratch at full cost.
-UNITS = (4, 512)  # log scale
+# Units per pooling, log scale. A flatten head's first kernel is 100,352 x units at 224 px: at 128
+# units it is 51 MB, half of ResNet50, and a whole model to log stays under 150 MB; wider heads
+# on a few thousand images only memorise. An avg head's kernel is 2,048 x units.
+UNITS = {"flatten": (4, 128), "avg": (4, 512)}
 HIDDEN_LAYERS = (1, 3)
 LEARNING_RATE = (1e-6, 1e-2)  # log scale
 DROPOUT = (0.0, 0.7)
@@ -186,13 +189,14 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 def suggest(trial: optuna.Trial, base: TrainConfig, weights: str) -> TrainConfig:
     """base with the trial's head, learning rate, batch size, pooling and (pretrained) fine_tune."""
+    pooling = trial.suggest_categorical("pooling", POOLINGS)
     values = {
-        "units": trial.suggest_int("units", *UNITS, log=True),
+        "pooling": pooling,
+        "units": trial.suggest_int("units", *UNITS[pooling], log=True),
         "hidden_layers": trial.suggest_int("hidden_layers", *HIDDEN_LAYERS),
         "learning_rate": trial.suggest_float("learning_rate", *LEARNING_RATE, log=True),
         "dropout": trial.suggest_float("dropout", *DROPOUT),
         "batch_size": trial.suggest_categorical("batch_size", batch_sizes(base.batch_size)),
-        "pooling": trial.suggest_categorical("pooling", POOLINGS),
     }
     if weights != "none":
         choices = tuple(dict.fromkeys((*FINE_TUNES, base.fine_tune)))  # the configured one too

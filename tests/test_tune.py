@@ -89,8 +89,9 @@ def test_search_space_and_fine_tune_only_with_pretrained_weights():
     random_backbone, pretrained = study.ask(), study.ask()
     assert suggest(random_backbone, base, "none").fine_tune == "none" and "fine_tune" not in random_backbone.params
     point = suggest(pretrained, base, "imagenet")
+    pooling = pretrained.params["pooling"]
     assert pretrained.distributions == {
-        "units": IntDistribution(4, 512, log=True), "hidden_layers": IntDistribution(1, 3),
+        "units": IntDistribution(4, {"flatten": 128, "avg": 512}[pooling], log=True), "hidden_layers": IntDistribution(1, 3),
         "learning_rate": FloatDistribution(1e-6, 1e-2, log=True), "dropout": FloatDistribution(0.0, 0.7),
         "batch_size": CategoricalDistribution((8, 16, 24, 32, 64)),
         "pooling": CategoricalDistribution(("flatten", "avg")),
@@ -230,3 +231,15 @@ def test_two_workers_share_one_journal_study(tmp_path):
     runs = children(result.run_id, "workshapes")
     assert sorted(runs["tags.optuna_trial"].astype(int)) == [0, 1, 2] and (runs["status"] == "FINISHED").all()
     assert runs["tags.optuna_worker"].nunique() == 2
+
+
+def test_a_flatten_head_is_searched_up_to_128_units_an_avg_head_to_512():
+    from optuna.distributions import IntDistribution
+
+    study = optuna.create_study(direction="maximize")
+    base = TrainConfig(data="runs:/x/data", weights="none")
+    for pooling, high in (("flatten", 128), ("avg", 512)):
+        study.enqueue_trial({"pooling": pooling})
+        trial = study.ask()
+        assert suggest(trial, base, "none").pooling == pooling
+        assert trial.distributions["units"] == IntDistribution(4, high, log=True)
