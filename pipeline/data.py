@@ -22,13 +22,15 @@ def decode_image(contents, image_size: int):
     return tf.image.resize(image, [image_size, image_size], antialias=True)
 
 
-def make_dataset(rows: pd.DataFrame, image_size: int, batch_size: int, shuffle_seed: int | None = None):
-    """(image, label_index) batches of rows from PreparedData.split; shuffled each epoch if seeded."""
+def make_dataset(rows: pd.DataFrame, image_size: int, batch_size: int, shuffle_seed: int | None = None,
+                 drop_remainder: bool = False):
+    """(image, label_index) batches of rows from PreparedData.split; shuffled each epoch if seeded;
+    without a last, smaller batch if drop_remainder."""
     ds = tf.data.Dataset.from_tensor_slices((rows["path"].to_numpy(str), rows["label_index"].to_numpy(np.int32)))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(rows), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def load_images(paths, image_size: int) -> np.ndarray:

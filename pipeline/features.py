@@ -236,20 +236,22 @@ def _allocate(path: Path, shape: tuple) -> np.ndarray:
 
 
 class FeatureBatches(keras.utils.PyDataset):
-    """(features, labels) batches from a memmap, in a new seeded order each epoch if shuffled.
+    """(features, labels) batches from a memmap, in a new seeded order each epoch if shuffled;
+    without a last, smaller batch if drop_remainder.
 
     Batches stay float16 (the head's first layer casts them): converting to float32 in Python
     cost more than the whole training step."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None):
+    def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None,
+                 drop_remainder: bool = False):
         super().__init__()
-        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.features, self.labels, self.batch_size, self.drop_remainder = features, labels, batch_size, drop_remainder
         self.rng = np.random.default_rng(seed) if seed is not None else None
         self.order = np.arange(len(labels))
         self.on_epoch_end()
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
+        return (math.floor if self.drop_remainder else math.ceil)(len(self.labels) / self.batch_size)
 
     def __getitem__(self, i):
         index = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential reads

@@ -210,3 +210,13 @@ def set_fine_tune(backbone: keras.Model, fine_tune: str, pretrained: bool) -> No
         for layer in backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
+
+
+def synchronize_batchnorm(model: keras.Model) -> None:
+    """Over several replicas (tf.distribute.MirroredStrategy), the backbone's BatchNorm layers
+    normalise a training batch by the statistics of the whole batch, all replicas' parts, as on
+    one device. Otherwise each replica keeps moving statistics of its own part, validation scores
+    each part with its replica's, and the model logged keeps the first replica's only."""
+    for layer in model.get_layer("resnet50").layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True

@@ -1,5 +1,6 @@
 """Step 2: fine-tune the classifier on the train split, early-stopped on the validation split."""
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -15,7 +16,7 @@ from pipeline.config import LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
 from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
 from pipeline.model import (backbone_identity, build_head, build_model, builder_of, compile_for_training,
-                            resolve_precision, set_fine_tune)
+                            resolve_precision, set_fine_tune, synchronize_batchnorm)
 from pipeline.plots import learning_curves
 from pipeline.reproducibility import make_deterministic, run_tags
 from pipeline.tracking import log_input, step_run
@@ -95,15 +96,17 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult
     unfrozen at finetune_learning_rate (see _fine_tune). A frozen backbone trains only its head,
     on cached features (pipeline.features); the whole model is assembled only to be logged.
 
+    With several GPUs it trains over all of them (_strategy), cfg.batch_size images per step in all.
     The same seed and data give the same metrics on a CPU (pipeline.reproducibility).
-    Logs: tags seed, data_digest, version.<package>, version.python, platform, device, engine and
-    precision (also printed); every parameter and config.json; per-epoch train_loss, train_accuracy, val_loss, val_accuracy
-    (phase 2's steps continue phase 1's); learning_time_s (fit's wall clock, both phases);
-    best_epoch, best_val_accuracy and best_val_loss of the restored weights; with two phases
-    finetune_start_epoch and finetune_time_s; plots/learning_curves.png; on cached features
-    feature_extraction_s, feature_cache_hits, feature_cache_mb and engine_rel_error; with
-    class_weight=balanced, class_weights.json (class name -> weight); with log_model the whole
-    image-to-class model (name "model", pipeline.card: signature, input example, model card).
+    Logs: tags seed, data_digest, version.<package>, version.python, platform, device, num_replicas,
+    engine and precision (also printed); every parameter and config.json; per-epoch train_loss,
+    train_accuracy, val_loss, val_accuracy (phase 2's steps continue phase 1's); learning_time_s
+    (fit's wall clock, both phases); best_epoch, best_val_accuracy and best_val_loss of the
+    restored weights; with two phases finetune_start_epoch and finetune_time_s;
+    plots/learning_curves.png; on cached features feature_extraction_s, feature_cache_hits,
+    feature_cache_mb and engine_rel_error; with class_weight=balanced, class_weights.json (class
+    name -> weight); with log_model the whole image-to-class model (name "model", pipeline.card:
+    signature, input example, model card).
     A run without the model keeps what rebuilds it exactly: log_trained_model_of(run id).
     callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning.
     """
@@ -126,18 +129,21 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
     """Seed everything and train cfg's model on data's train split (early-stopped on val); with
     log, into the active run (class weights, per-epoch and feature metrics, engine tags)."""
     make_deterministic(cfg.seed)
-    train_rows = data.split("train")
+    train_rows, val_rows = data.split("train"), data.split("val")
+    strategy = _strategy()
     weights = class_weights(train_rows["label_index"], len(data.class_names), cfg.class_weight)
     if weights and log:
         mlflow.log_dict({name: weights[i] for i, name in enumerate(data.class_names)}, "class_weights.json")
-    job = _Job(cfg, train_rows, data.split("val"), weights, (_LogEpochs(), *callbacks) if log else tuple(callbacks))
+    job = _Job(cfg, train_rows, val_rows, weights, (_LogEpochs(), *callbacks) if log else tuple(callbacks), strategy)
     if uses_feature_cache(cfg):
         trained = _fit_head_on_features(job, data, log)
     else:
-        model = build_model(cfg, len(data.class_names))
+        with strategy.scope():
+            model = build_model(cfg, len(data.class_names))
         trained = Trained(model, cfg, data, *_fit_on_images(model, job), phase_2=None)
     if log:
-        used = {"device": _device(), "precision": resolve_precision(cfg.precision), "engine": trained.engine}
+        used = {"device": _device(strategy), "num_replicas": job.replicas,
+                "precision": resolve_precision(cfg.precision), "engine": trained.engine}
         mlflow.set_tags(used)
         print("trained on " + ", ".join(f"{k} {v}" for k, v in used.items()))
     if cfg.finetune_epochs:
@@ -147,15 +153,29 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
     return trained
 
 
-def _device() -> str:
-    """Where Keras trained: the first GPU TensorFlow sees (it places ops there), else the CPU."""
+@functools.cache
+def _strategy():
+    """tf.distribute.MirroredStrategy over every GPU TensorFlow sees, when it sees several (over a
+    CPU split into several logical devices if there is no GPU: how the tests stand in for GPUs);
+    else the default strategy, one device, as with no strategy at all. One per process: a second
+    MirroredStrategy's all-reduces collide with the first one's (their collective keys repeat)."""
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+
+
+def _device(strategy) -> str:
+    """Where Keras trained: CPU, or GPU:0 (where it places ops) and its name; over several
+    replicas, all their devices: GPU:0+GPU:1 and the first one's name, or CPU:0+CPU:1."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "")
-    return f"GPU:0 {name}".strip()
+    where = "GPU:0" if gpus else "CPU"
+    if strategy.num_replicas_in_sync > 1:
+        where = "+".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
+    return f"{where} {name}".strip()
 
 
 def log_trained(trained: Trained) -> str:
@@ -200,6 +220,36 @@ class _Job:
     val_rows: pd.DataFrame
     class_weight: dict | None  # class index -> weight, or None
     callbacks: tuple
+    strategy: object  # a tf.distribute.Strategy (_strategy): models are built and compiled in its scope
+
+    def __post_init__(self):
+        if self.replicas > 1 and (self.cfg.batch_size % self.replicas
+                                  or min(len(self.train_rows), len(self.val_rows)) < self.replicas):
+            raise PipelineError(f"training over {self.replicas} devices needs a batch_size that is a multiple of "
+                                f"{self.replicas} (now {self.cfg.batch_size}) and at least {self.replicas} images in "
+                                "the train and val splits: change batch_size, or make fewer GPUs visible "
+                                "(CUDA_VISIBLE_DEVICES)")
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def batching(self, size: int, rows: pd.DataFrame, any_size: bool = False) -> dict:
+        """batch_size and drop_remainder for batches of rows: size, and every row, on one device.
+
+        Over r replicas, each batch is split between them (a last, smaller one unevenly): the
+        batch size is a multiple of r up to size and len(rows), since Keras (3.15) averages the
+        first batch across the replicas to learn its shapes and fails unless it splits evenly; a
+        last batch of fewer than r rows is dropped, since a replica would get none (TensorFlow's
+        oneDNN convolutions fail on an empty batch). any_size (validation, whose scores do not
+        depend on the batch size): the largest such multiple that leaves no row out, if any does.
+        """
+        r, n = self.replicas, len(rows)
+        if r == 1:
+            return {"batch_size": size, "drop_remainder": False}
+        sizes = range(min(size, n) // r * r, 0, -r)
+        batch = next((b for b in sizes if n % b == 0 or n % b >= r), sizes[0]) if any_size else sizes[0]
+        return {"batch_size": batch, "drop_remainder": 0 < n % batch < r}
 
 
 def uses_feature_cache(cfg: TrainConfig) -> bool:
@@ -245,9 +295,14 @@ def _fit_on_images(model: keras.Model, job: _Job, learning_rate: float | None = 
                    epochs: int | None = None) -> tuple[dict, float]:
     """Compile the whole model at learning_rate (default cfg.learning_rate) and fit it on images."""
     cfg = job.cfg
-    compile_for_training(model, learning_rate or cfg.learning_rate)
-    return _fit(model, make_dataset(job.train_rows, cfg.image_size, cfg.batch_size, cfg.seed),
-                make_dataset(job.val_rows, cfg.image_size, cfg.batch_size), job, first_epoch, epochs)
+    with job.strategy.scope():
+        compile_for_training(model, learning_rate or cfg.learning_rate)
+    if job.replicas > 1:
+        synchronize_batchnorm(model)
+    train_data = make_dataset(job.train_rows, cfg.image_size, shuffle_seed=cfg.seed,
+                              **job.batching(cfg.batch_size, job.train_rows))
+    val_data = make_dataset(job.val_rows, cfg.image_size, **job.batching(cfg.batch_size, job.val_rows, any_size=True))
+    return _fit(model, train_data, val_data, job, first_epoch, epochs)
 
 
 def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> Trained:
@@ -262,12 +317,15 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
                             "feature_cache_hits": train_f.hit + val_f.hit,
                             "feature_cache_mb": (train_f.array.nbytes + val_f.array.nbytes) / 2**20,
                             **({"engine_rel_error": max(checked)} if checked else {})})
-    head = build_head(train_f.array.shape[1:], cfg, len(data.class_names))
-    compile_for_training(head, cfg.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+    with job.strategy.scope():
+        head = build_head(train_f.array.shape[1:], cfg, len(data.class_names))
+        # Over several replicas Keras 3.15 cannot run several steps per call (a placeholder left unfed).
+        compile_for_training(head, cfg.learning_rate, HEAD_STEPS_PER_EXECUTION if job.replicas == 1 else 1)
     y_train, y_val = (rows["label_index"].to_numpy("int32") for rows in (job.train_rows, job.val_rows))
+    train_data = FeatureBatches(train_f.array, y_train, seed=cfg.seed, **job.batching(cfg.batch_size, job.train_rows))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
-    history, seconds = _fit(head, FeatureBatches(train_f.array, y_train, cfg.batch_size, cfg.seed),
-                            FeatureBatches(val_f.array, y_val, 8 * cfg.batch_size), job)
+    val_data = FeatureBatches(val_f.array, y_val, **job.batching(8 * cfg.batch_size, job.val_rows, any_size=True))
+    history, seconds = _fit(head, train_data, val_data, job)
     return Trained(head, cfg, data, history, seconds, None, backbone, train_f.backbone_digest)
 
 
@@ -281,7 +339,10 @@ def _fine_tune(trained: Trained, job: _Job) -> None:
     so the model is always the epoch that best_epoch names.
     """
     cfg, history = job.cfg, trained.history
-    model = build_model(cfg, len(trained.data.class_names), head=trained.model) if trained.is_head else trained.model
+    model = trained.model
+    if trained.is_head:
+        with job.strategy.scope():
+            model = build_model(cfg, len(trained.data.class_names), head=model)
     phase_1 = model.get_weights()
     set_fine_tune(model.get_layer("resnet50"), cfg.fine_tune, pretrained=cfg.weights != "none")
     more, seconds = _fit_on_images(model, job, cfg.finetune_learning_rate, len(history["val_loss"]),
@@ -320,8 +381,8 @@ def log_trained_model_of(cfg: LogModelConfig) -> LogModelResult:
         logged = run.data.metrics.get(metric)
         if logged is not None and abs(rebuilt - logged) > 1e-5 * max(1.0, abs(logged)):
             raise PipelineError(f"run {cfg.run}'s model did not rebuild exactly ({metric} {rebuilt:.6f}, logged "
-                                f"{logged:.6f}): it needs the same packages and CPU kind; train it again with "
-                                "log_models=all")
+                                f"{logged:.6f}): it needs the same packages, CPU kind and devices (tag num_replicas); "
+                                "train it again with log_models=all")
     with mlflow.start_run(run_id=cfg.run, nested=mlflow.active_run() is not None):
         model_uri = log_trained(trained)
     print(f"logged the model of run {cfg.run}: {model_uri}")

@@ -1,8 +1,9 @@
 """One study shared by many commands against the real thing: a throw-away PostgreSQL (initdb,
 pg_ctl) for Optuna and the MLflow tracking server, and a real `mlflow server` with proxied
 artifacts. Skipped, with one line, where no PostgreSQL binary exists. Also: prepared data that
-moves between machines (data roots)."""
+moves between machines (data roots), and training over several devices of one machine."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,14 +16,16 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import make_dataset
+from conftest import CLASSES, make_dataset
 from optuna.trial import TrialState
 
 from pipeline import prepared
 from pipeline.config import PipelineError, PrepareConfig
+from pipeline.serving import encode_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
@@ -195,3 +198,62 @@ def test_data_prepared_under_one_root_trains_from_another(tmp_path, monkeypatch)
     with pytest.raises(PipelineError, match="set PIPELINE_DATA_DIR to the folder that holds them here") as e:
         prepared.load(result.data_uri)
     assert "machine-c" in str(e.value) and "\n" not in str(e.value)
+
+
+
+# Two logical CPU devices stand in for two GPUs; they must exist before TensorFlow starts, so in a
+# process of their own. Trains a model whole on images, one in two phases (a head on cached features,
+# then the whole model) and a head, scores each on the test split in memory as grid does, and tries
+# a batch_size that two devices cannot split.
+TWO_DEVICES = """
+import json, sys
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+from pipeline.config import PipelineError, TrainConfig
+from pipeline.evaluate import evaluate_trained
+from pipeline.train import train
+tiny = dict(data=sys.argv[1], experiment="two-devices", weights="none", image_size=32, epochs=2, batch_size=4,
+            patience=5, learning_rate=1e-3, precision="float32")
+runs = {}
+for name, extra in {"images": dict(feature_cache="off", fine_tune="3"),
+                    "two_phase": dict(fine_tune="3", finetune_epochs=1), "head": {}}.items():
+    result = train(TrainConfig(**tiny, **extra))
+    runs[name] = evaluate_trained(result.trained, result.run_id).run_id
+try:
+    train(TrainConfig(**{**tiny, "batch_size": 3}))
+except PipelineError as e:
+    runs["error"] = str(e)
+print("RESULT " + json.dumps(runs))
+"""
+
+
+@pytest.mark.slow
+def test_training_over_two_devices_mirrors_the_model_and_scores_every_val_image(tmp_path):
+    from pipeline.prepare import prepare
+
+    data = prepare(PrepareConfig(dataset=str(make_dataset(tmp_path / "mirrorshapes", n=9)), val_fraction=0.35,
+                                 test_fraction=0.25))
+    val = prepared.load(data.data_uri).split("val")
+    # 13 train images in batches of 4 leave one that no two devices can share: dropped (another each
+    # epoch); the 7 val images go in batches of 4 and 3 (split 2 and 1), so every one is scored.
+    assert (len(prepared.load(data.data_uri).split("train")), len(val)) == (13, 7)
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, data.data_uri], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = json.loads(done.stdout.split("RESULT ")[-1])
+    assert "needs a batch_size that is a multiple of 2 (now 3)" in runs.pop("error")
+    assert done.stdout.count("trained on device CPU:0+CPU:1, num_replicas 2,") == 3
+    client = mlflow.MlflowClient()
+    for name, run_id in runs.items():
+        run = mlflow.get_run(run_id)
+        assert (run.data.tags["num_replicas"], run.data.tags["device"]) == ("2", "CPU:0+CPU:1"), name
+        losses = [m.value for key in ("train_loss", "val_loss") for m in client.get_metric_history(run_id, key)]
+        assert len(losses) == (6 if name == "two_phase" else 4) and np.isfinite(losses).all(), name
+        assert 0 <= run.data.metrics["test_accuracy"] <= 1, name
+        # The logged model, on one device in this process, scores the 7 val images as training did
+        # (a head trained on the cached features, float16: to their precision).
+        pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+        probs = pyfunc.predict(pd.DataFrame({"image": [encode_file(p) for p in val["path"]]}))
+        loss = -np.mean(np.log([probs[f"p_{CLASSES[y]}"][i] for i, y in enumerate(val["label_index"])]))
+        assert loss == pytest.approx(run.data.metrics["best_val_loss"], rel=1e-3 if name == "head" else 1e-4), name
