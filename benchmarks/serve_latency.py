@@ -1,12 +1,14 @@
 """Latency of `mlflow models serve`: the served pyfunc (base64 JPEGs in, class names out) against
-the Keras tensor form it replaces (float32 pixels as nested JSON lists), both at 224 px.
+the Keras tensor form it replaces (float32 pixels as nested JSON lists), both at 224 px; and the
+served pyfunc under `python -m pipeline serve` (the same scoring app, a body check in front).
 
     python benchmarks/serve_latency.py [--image-size 224] [--repeats 7]
 
 A weights=none ResNet50 (3 classes) logged both ways in a temporary tracking store, each served
-by a real `mlflow models serve` on 127.0.0.1; requests of 1 and 32 images, median of --repeats
-after one warm-up. Prints name=value lines: images_<n>_median_s, body_bytes_per_image for each
-form, then speedup_32 (tensor median / image median at 32 images).
+by a real server on 127.0.0.1; requests of 1 and 32 images, median of --repeats after one
+warm-up. Prints name=value lines: <server>_images_<n>_median_s and body_bytes_per_image for each
+(image, tensor: mlflow models serve; pipeline_serve_image), then speedup_32 (tensor median /
+image median at 32 images).
 """
 
 import argparse
@@ -50,10 +52,11 @@ def log_both(image_size: int, folder: Path) -> tuple[str, str]:
     return served, tensor
 
 
-def serve(uri: str, folder: Path):
+def serve(command: list[str], folder: Path):
+    """Start command with --port PORT added, from folder (the tracking store); (process, URL) once it answers."""
     port = free_port()
-    process = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
-                                "-p", str(port)], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen([*command, "--port", str(port)], cwd=folder, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -96,16 +99,19 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         os.chdir(folder)
-        uris = dict(zip(("image", "tensor"), log_both(args.image_size, folder)))
+        image, tensor = log_both(args.image_size, folder)
+        mlflow_serve = ["mlflow", "models", "serve", "--env-manager", "local", "-h", "127.0.0.1", "-m"]
+        servers = {"image": (mlflow_serve + [image], "image"), "tensor": (mlflow_serve + [tensor], "tensor"),
+                   "pipeline_serve_image": ([sys.executable, "-m", "pipeline", "serve", "--model", image], "image")}
         medians = {}
-        for form, uri in uris.items():
-            process, url = serve(uri, folder)
+        for name, (command, form) in servers.items():
+            process, url = serve(command, folder)
             try:
                 for n in (1, 32):
                     body = bodies[form](n)
-                    medians[form, n] = median_seconds(url, body, args.repeats)
-                    print(f"{form}_images_{n}_median_s={medians[form, n]:.3f}")
-                    print(f"{form}_images_{n}_body_bytes_per_image={len(body) // n}", flush=True)
+                    medians[name, n] = median_seconds(url, body, args.repeats)
+                    print(f"{name}_images_{n}_median_s={medians[name, n]:.3f}")
+                    print(f"{name}_images_{n}_body_bytes_per_image={len(body) // n}", flush=True)
             finally:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)

@@ -16,7 +16,7 @@ from dataclasses import MISSING
 import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
-                             ReportConfig, TrainConfig, TuneConfig, parameters)
+                             ReportConfig, ServeConfig, TrainConfig, TuneConfig, parameters)
 from pipeline.quiet import quiet
 from pipeline.storage import check_store, quiet_store_errors, write_error
 
@@ -173,6 +173,19 @@ def _add_step(name, cls, target, help):
 
 for _name, (_cls, _target, _help) in STEPS.items():
     _add_step(_name, _cls, _target, _help)
+
+
+@cli.command("serve")
+@config_options(ServeConfig)
+def serve_model(**options):
+    """Serve a model over HTTP as `mlflow models serve` does, never quoting a request in an error."""
+    with one_line_errors():
+        cfg = ServeConfig(**options)
+        check_store()
+        import mlflow
+
+        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
+        function("pipeline.server:serve")(cfg)
 
 
 @cli.group()

@@ -89,6 +89,7 @@ CHECKS = {
     "n_trials": (_within(1, 100000), "must be from 1 to 100000 trials for the study to reach, e.g. 50"),
     "timeout": (_within(0, 10**7), "must be 0 (no limit) or a number of seconds up to 10**7"),
     "workers": (_within(1, 64), "must be from 1 to 64 worker processes, e.g. 1"),
+    "port": (_within(1, 65535), "must be a TCP port from 1 to 65535, e.g. 5000"),
     "storage": (bool, "is required: a sqlite file (optuna.db), a *.journal file or a database URL"),
     "pruner": (lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
     "engine": (lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
@@ -258,6 +259,15 @@ class PredictConfig(_Config):
     output: str = param("predictions.csv", "CSV to write: path, predicted, confidence, p_<class>, error")
     batch_size: int = param(32, "images per batch")
     engine: str = engine_param()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(_Config):
+    """`mlflow models serve`'s options and defaults (-m, -h, -p, -w), for pipeline.server.serve."""
+    model: str = param(help="model URI: models:/<name>@champion, models:/<name>/<version> or runs:/<id>/model")
+    host: str = param("127.0.0.1", "network interface to listen on; 0.0.0.0: every interface")
+    port: int = param(5000, "port to listen on")
+    workers: int = param(1, "server processes, each with its own copy of the model")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,10 @@
 """The model registry: register a logged model with where it came from, and keep the `champion` alias.
 
-One registered model per dataset (`<dataset>-resnet50` unless named). Each version carries a
-few tags saying where it came from (dataset, data_digest, source_run_id, model_uri, param.<name>
-for the key parameters of TABLE_PARAMS; the whole config is in the model card), its metrics
-(best_val_accuracy, test_accuracy, ...) and why it is or is not champion, so a version describes
-itself even after its runs are deleted.
+One registered model per dataset (`<dataset>-resnet50` unless named). Besides MLflow's own
+`source` (the model URI) and `run_id` (the train run), each version carries a few tags: what it
+learnt from (dataset, data_digest, param.<name> for the key parameters of TABLE_PARAMS; the whole
+config is in the model card), its metrics (best_val_accuracy, test_accuracy, ...) and why it is
+or is not champion, so a version describes itself even after its runs are deleted.
 
 The champion rule (models:/<name>@champion is what predict and serve use):
 - no champion yet: the new version becomes champion;
@@ -17,9 +17,11 @@ The champion rule (models:/<name>@champion is what predict and serve use):
   from both prepared-data manifests); never a test image of either. The new version takes the
   alias only if its accuracy there is strictly higher, on at least MIN_SHARED_ROWS rows. Fewer
   rows, other class names, or unreadable prepared data or images: the alias stays.
-The decision is written on the version as the tag `champion_decision`, and a comparison on
-shared rows as `shared_val_rows` (how many), `shared_val_sha1` (a digest of their sorted sha1s),
-`shared_val_accuracy` and `champion_shared_val_accuracy` (version N's, named in the decision).
+The decision is written on the version as the tag `champion_decision`, and the comparison as
+`compared_version` and `compared_data_digest` (the champion it was compared with), then on the
+same data `compared_best_val_accuracy` (the champion's, beside the version's best_val_accuracy),
+on other data `shared_val_rows` (how many), `shared_val_sha1` (a digest of their sorted sha1s),
+`shared_val_accuracy` and `compared_shared_val_accuracy` (the champion's on the same rows).
 Promote by hand with `MlflowClient().set_registered_model_alias(name, "champion", version)`.
 """
 
@@ -40,7 +42,8 @@ SELECT_ON = "best_val_accuracy"  # validation: the test split is for reporting o
 METRICS = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_macro_f1", "test_loss", "learning_time_s")
 TABLE_PARAMS = ("hidden_layers", "units", "learning_rate")
 MIN_SHARED_ROWS = 5  # validation rows both models can be scored on, to compare models on other data
-COMPARISON = ("shared_val_rows", "shared_val_sha1", "shared_val_accuracy", "champion_shared_val_accuracy")
+COMPARISON = ("compared_version", "compared_data_digest", "compared_best_val_accuracy", "shared_val_rows",
+              "shared_val_sha1", "shared_val_accuracy", "compared_shared_val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,9 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
         return Registration(name, str(known.version), f"models:/{name}/{known.version}",
                             CHAMPION in known.aliases, "already registered")
     scores = {k: v for k, v in _run_metrics(run_id).items() if k in METRICS} | (metrics or {})
-    tags = _version_tags(model_uri, run_id, card, scores)
+    tags = _version_tags(card, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
-    promote, decision, comparison = _champion_decision(client, name, tags, card)
+    promote, decision, comparison = _champion_decision(client, name, tags, model_uri, card)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     for key, value in {**comparison, "champion_decision": decision}.items():
@@ -92,7 +95,7 @@ def _registered_version(client, name: str, model_uri: str):
         found = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    version = next((v.version for v in found if v.tags.get("model_uri") == model_uri), None)
+    version = next((v.version for v in found if v.source == model_uri), None)
     return client.get_model_version(name, version) if version else None  # search leaves aliases out
 
 
@@ -100,14 +103,14 @@ def _run_metrics(run_id: str | None) -> dict[str, float]:
     return mlflow.get_run(run_id).data.metrics if run_id else {}
 
 
-def _version_tags(model_uri: str, run_id: str | None, card: ModelCard, scores: dict) -> dict[str, str]:
-    tags = {"dataset": card.dataset, "data_digest": card.data_digest, "source_run_id": run_id or "",
-            "model_uri": model_uri}
+def _version_tags(card: ModelCard, scores: dict) -> dict[str, str]:
+    tags = {"dataset": card.dataset, "data_digest": card.data_digest}
     tags |= {f"param.{k}": str(card.config.get(k, "")) for k in TABLE_PARAMS}
     return tags | {k: repr(float(v)) for k, v in scores.items()}
 
 
-def _champion_decision(client, name: str, new: dict[str, str], card: ModelCard) -> tuple[bool, str, dict]:
+def _champion_decision(client, name: str, new: dict[str, str], model_uri: str,
+                       card: ModelCard) -> tuple[bool, str, dict]:
     """(move the alias?, why, the comparison's tags) for a new version against the current champion."""
     if SELECT_ON not in new:
         return False, f"not champion: the version has no {SELECT_ON} to compare", {}
@@ -116,12 +119,17 @@ def _champion_decision(client, name: str, new: dict[str, str], card: ModelCard) 
     except MlflowException:
         return True, f"champion: the first version with a {SELECT_ON}", {}
     old = champion.tags
+    compared = {"compared_version": champion.version, "compared_data_digest": old.get("data_digest", "")}
     if old.get("data_digest") != new["data_digest"]:
-        return _compare_on_shared_rows(f"models:/{name}/{champion.version}", champion.version, new["model_uri"], card)
+        promote, decision, shared = _compare_on_shared_rows(f"models:/{name}/{champion.version}", champion.version,
+                                                            model_uri, card)
+        return promote, decision, compared | shared
     ours, theirs = float(new[SELECT_ON]), float(old.get(SELECT_ON, "nan"))
+    compared["compared_best_val_accuracy"] = repr(theirs)
     if ours > theirs or theirs != theirs:  # theirs != theirs: the champion has no score (NaN)
-        return True, f"champion: {SELECT_ON} {ours:.4f} beats version {champion.version}'s {theirs:.4f}", {}
-    return False, f"not champion: {SELECT_ON} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}", {}
+        return True, f"champion: {SELECT_ON} {ours:.4f} beats version {champion.version}'s {theirs:.4f}", compared
+    return (False, f"not champion: {SELECT_ON} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}",
+            compared)
 
 
 def _compare_on_shared_rows(champion_uri: str, version: str, model_uri: str, card: ModelCard) -> tuple[bool, str, dict]:
@@ -138,7 +146,8 @@ def _compare_on_shared_rows(champion_uri: str, version: str, model_uri: str, car
         return False, (f"not champion: only {len(rows)} validation row(s) that version {version} did not train "
                        f"or test on, fewer than {MIN_SHARED_ROWS} ({digests}); promote by hand"), {}
     ours, theirs = accuracy_on(model_uri, rows), accuracy_on(champion_uri, rows)
-    comparison = dict(zip(COMPARISON, (len(rows), _sha1_digest(rows), repr(ours), repr(theirs))))
+    comparison = {"shared_val_rows": len(rows), "shared_val_sha1": _sha1_digest(rows),
+                  "shared_val_accuracy": repr(ours), "compared_shared_val_accuracy": repr(theirs)}
     verdict = "beats" if ours > theirs else "does not beat"
     decision = (f"{'champion' if ours > theirs else 'not champion'}: accuracy {ours:.4f} on {len(rows)} shared "
                 f"validation rows {verdict} version {version}'s {theirs:.4f} ({digests})")
@@ -180,7 +189,7 @@ def versions(name: str | None = None) -> pd.DataFrame:
     found = client.search_model_versions(f"name = '{name}'" if name else None)
     aliases = _aliases(client, {v.name for v in found})
     rows = [{"name": v.name, "version": int(v.version), "aliases": ",".join(aliases.get((v.name, str(v.version)), [])),
-             "source_run": v.tags.get("source_run_id", v.run_id or ""), "data_digest": v.tags.get("data_digest", ""),
+             "source_run": v.run_id or "", "data_digest": v.tags.get("data_digest", ""),
              **{k: v.tags.get(f"param.{k}", "") for k in TABLE_PARAMS},
              **{k: float(v.tags.get(k, "nan")) for k in ("best_val_accuracy", "test_accuracy")},
              "created": pd.to_datetime(v.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M")}

@@ -78,7 +78,7 @@ def _versions(name: str) -> pd.DataFrame:
     """Every version of the registered model: version, source run, data digest, champion, why."""
     found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
     champion = registry.champion(name)
-    rows = [{"version": v.version, "run_id": v.tags.get("source_run_id", v.run_id or ""),
+    rows = [{"version": v.version, "run_id": v.run_id or "",
              "data_digest": v.tags.get("data_digest", ""), "decision": v.tags.get("champion_decision", ""),
              "champion": champion is not None and v.version == champion.version} for v in found]
     return pd.DataFrame(rows, columns=["version", "run_id", "data_digest", "decision", "champion"])
@@ -170,7 +170,7 @@ def _champion_blocks(name: str, versions: pd.DataFrame) -> list:
     tags = champion.tags
     return [("h2", "Champion"),
             ("p", f"`models:/{name}@{registry.CHAMPION}` is version {champion.version} (source run "
-                  f"`{tags.get('source_run_id', '')}`, data digest `{tags.get('data_digest', '')[:12]}`): "
+                  f"`{champion.run_id or ''}`, data digest `{tags.get('data_digest', '')[:12]}`): "
                   f"best_val_accuracy {float(tags.get('best_val_accuracy', 'nan')):.4f}, "
                   f"test_accuracy {float(tags.get('test_accuracy', 'nan')):.4f}; {tags.get('champion_decision', '')}."),
             ("table", versions.drop(columns="champion"))]

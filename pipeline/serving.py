@@ -32,6 +32,7 @@ COLUMN = "image"
 MAX_ROWS = 128  # images per request: 128 JPEGs at 224 px take about 4 s on 2 cores
 MAX_IMAGE_BYTES = 20 * 2**20  # one encoded image file
 MAX_PIXELS = 40_000_000  # one decoded image (width x height): 120 MB of uint8 RGB
+EXAMPLE = f'{{"dataframe_records": [{{"{COLUMN}": "<base64 of a JPEG>"}}]}}'  # a request, for error messages
 
 
 class RequestError(MlflowException):
@@ -79,8 +80,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 def _images_of(model_input) -> list:
     if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input.columns:
-        raise RequestError(f"expected a column {COLUMN!r} of base64-encoded image files, e.g. "
-                           f'{{"dataframe_records": [{{"{COLUMN}": "<base64 of a JPEG>"}}]}}')
+        raise RequestError(f"expected a column {COLUMN!r} of base64-encoded image files, e.g. {EXAMPLE}")
     if len(model_input) > MAX_ROWS:
         raise RequestError(f"{len(model_input)} images in one request, at most {MAX_ROWS}: send them in "
                            "several requests")

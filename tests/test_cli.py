@@ -68,6 +68,8 @@ def test_help_lists_the_steps_without_importing_tensorflow():
     (["predict", "--model", "models:/x@champion", "--input", "/no/such/folder"], "/no/such/folder does not exist"),
     (["report", "--dataset", "no_such_dataset"], "no experiment 'no_such_dataset'"),
     (["models", "show", "no-such-model"], "no registered model 'no-such-model'"),
+    (["serve", "--model", "models:/no-such-model@champion"], "cannot read model 'models:/no-such-model@champion'"),
+    (["serve", "--model", "models:/x@champion", "--port", "70000"], "invalid port=70000"),
 ])
 def test_bad_parameter_exits_nonzero_with_one_line(args, message):
     out = run_cli(*args)
@@ -89,7 +91,7 @@ BAD_VALUES = {
     "batch_size": 0, "patience": 0, "min_delta": -0.1, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
     "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes", "heartbeat_interval": 0,
-    "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "",
+    "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "", "port": 0,
 }
 TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner", "heartbeat_interval", "grace_period", "log_models")
 
@@ -109,6 +111,9 @@ def test_config_rejects_bad_value_in_one_line(name):
         cls, kwargs = PredictConfig, {"model": "models:/x@champion", "input": "images"}
     if name == "run":
         from pipeline.config import LogModelConfig as cls
+    if name == "port":
+        from pipeline.config import ServeConfig as cls
+        kwargs = {"model": "models:/x@champion"}
     with pytest.raises(PipelineError, match=f"invalid {name}=") as e:
         cls(**{**kwargs, name: BAD_VALUES[name]})
     assert "\n" not in str(e.value)

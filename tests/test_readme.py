@@ -5,7 +5,8 @@ blocks against the CLI and MLproject (step names, option names, values), without
 The slow one runs them, in order, in a new shell: the quick start's `export` first, then each
 command as written, with placeholders filled from the runs before it and the settings shrunk
 (few images, 32 px, one epoch, two trials, weights=none) so the whole README takes minutes.
-Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`) and benchmarks.
+Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`, `python -m pipeline serve`) and
+benchmarks.
 """
 
 import os
@@ -21,10 +22,11 @@ import yaml
 
 from conftest import make_dataset
 from pipeline import cli as cli_module
-from pipeline.config import parameters
+from pipeline.config import ServeConfig, parameters
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "mlflow server", "python benchmarks/", "export ")
+NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "python -m pipeline serve", "mlflow server",
+           "python benchmarks/", "export ")
 OFFLINE = "Error: weights=imagenet, but the ImageNet weights cannot be downloaded here"
 # What the slow run sets for every step that takes the parameter: the README's commands, shrunk.
 SHRINK = {"max_per_class": "8", "image_size": "32", "epochs": "1", "weights": "none", "n_trials": "2",
@@ -64,10 +66,11 @@ def test_readme_commands_name_real_steps_and_parameters():
     commands = [c for c in readme_commands() if step_and_params(c)]
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     assert len(commands) >= 15, commands  # the README's bash blocks were found
+    configs = {**{step: cls for step, (cls, _, _) in cli_module.STEPS.items()}, "serve": ServeConfig}
     for command in commands:
         step, params = step_and_params(command)
-        assert step in cli_module.STEPS, command
-        assert set(params) <= {f.name for f in parameters(cli_module.STEPS[step][0])}, command
+        assert step in configs, command
+        assert set(params) <= {f.name for f in parameters(configs[step])}, command
         if command.startswith("mlflow run"):
             assert set(params) <= set(entry_points[step]["parameters"]), command
         else:

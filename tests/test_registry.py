@@ -1,7 +1,6 @@
 """The registry: versions with where they came from, the champion rule, look-up by alias."""
 
 import re
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -10,10 +9,13 @@ from click.testing import CliRunner
 from conftest import make_dataset
 
 from pipeline import cli as cli_module
+from pipeline import prepared
 from pipeline.card import read_card
-from pipeline.config import EvaluateConfig, MainConfig, PipelineError
+from pipeline.config import EvaluateConfig, GridConfig, MainConfig, PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.registry import CHAMPION, COMPARISON, TABLE_PARAMS, register, shared_validation_rows, versions
+from pipeline.grid import grid
+from pipeline.registry import (CHAMPION, COMPARISON, METRICS, TABLE_PARAMS, accuracy_on, register,
+                               shared_validation_rows, versions)
 from pipeline.workflow import main
 
 pytestmark = pytest.mark.slow
@@ -34,9 +36,10 @@ def test_main_registers_its_model_with_where_it_came_from(trained):
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     tags = version.tags
     assert tags["data_digest"] == prepare_run.data.tags["data_digest"] and tags["dataset"] == "regshapes"
-    assert tags["source_run_id"] == train_run.info.run_id and tags["model_uri"] == result.model_uri
+    assert version.run_id == train_run.info.run_id and version.source == result.model_uri  # MLflow's own fields
     assert tags["param.learning_rate"] == str(cfg.learning_rate) and tags["param.units"] == str(cfg.units)
-    assert not [k for k in tags if k.startswith("param.") and k[6:] not in TABLE_PARAMS]  # the card has the rest
+    params = {f"param.{k}" for k in TABLE_PARAMS}  # the card has the rest
+    assert set(tags) <= {"dataset", "data_digest", *params, *METRICS, "champion_decision", *COMPARISON}, tags
     for key in ("best_val_accuracy", "test_accuracy"):
         assert float(tags[key]) == pytest.approx(train_run.data.metrics[key]), key
     assert tags["champion_decision"].startswith("champion: the first version")
@@ -51,6 +54,9 @@ def test_champion_moves_only_when_validation_accuracy_improves_on_the_same_data(
         r = register(result.model_uri, name, metrics={"best_val_accuracy": accuracy})
         assert (r.version, r.champion) == (str(i), promoted), (accuracy, r.decision)
     assert champion_version(name) == "4"
+    tags = mlflow.MlflowClient().get_model_version(name, "5").tags
+    compared = (tags["compared_version"], tags["compared_best_val_accuracy"], tags["best_val_accuracy"])
+    assert compared == ("4", "0.7", "0.6")  # the champion it was compared with, its score and the version's
     table = versions(name)
     assert table["best_val_accuracy"].tolist() == [0.5, 0.4, 0.5, 0.7, 0.6]  # every version keeps its score
     assert table["aliases"].tolist() == ["", "", "", CHAMPION, ""]
@@ -65,26 +71,31 @@ def test_if_new_returns_the_version_already_registered_from_the_model(trained):
     assert register(result.model_uri, "once-resnet50").version == "2"
 
 
-def test_a_model_on_other_data_is_compared_on_validation_rows_neither_trained_on(trained, tmp_path):
-    """The quick start's model is champion; a run on more data (another digest) is scored with it on
-    the new validation rows the champion never trained or was tested on, and the alias follows."""
-    cfg, first = trained
-    name = "moves-resnet50"
-    assert register(first.model_uri, name).champion
-    more = make_dataset(tmp_path / "regshapes", n=24)  # the same 8 images per class and 16 more
-    second = main(MainConfig(**{**cfg.__dict__, "dataset": str(more), "epochs": 4, "registered_model": name,
-                                "experiment": "moves"}))
-    new, old = read_card(second.model_uri)[0], read_card(first.model_uri)[0]
-    assert new.data_digest != old.data_digest
-    rows = shared_validation_rows(new, old)
-    seen = set(pd.read_csv(Path(mlflow.artifacts.download_artifacts(old.config["data"])) / "manifest.csv")
-               .query("split != 'val'")["sha1"])
-    assert len(rows) >= 5 and not set(rows["sha1"]) & seen
+def test_a_grid_on_more_data_that_beats_the_quick_start_takes_the_champion_and_says_why(tmp_path):
+    """The README's path: the quick start (main on a few images per class) is champion; a grid on
+    more images of the same dataset is scored with it on validation images neither trained on,
+    beats it, takes @champion, and the new version's tags say why."""
+    root = make_dataset(tmp_path / "story", n=24)
+    tiny = {"dataset": str(root), "experiment": "story", "weights": "none", "image_size": 32, "batch_size": 8,
+            "val_fraction": 0.25, "test_fraction": 0.25}
+    quick = main(MainConfig(**tiny, max_per_class=4, epochs=1))
+    searched = grid(GridConfig(**tiny, epochs=30, patience=10))
+    name = "story-resnet50"
+    assert quick.champion and champion_version(name) == "2" and searched.registered_model_uri == f"models:/{name}/2"
+    new, old = read_card(searched.best_model_uri)[0], read_card(quick.model_uri)[0]
     tags = mlflow.MlflowClient().get_model_version(name, "2").tags
-    assert set(COMPARISON) <= tags.keys() and int(tags["shared_val_rows"]) == len(rows)
-    better = float(tags["shared_val_accuracy"]) > float(tags["champion_shared_val_accuracy"])
-    assert second.champion == better and champion_version(name) == ("2" if better else "1")
-    assert "shared validation rows" in tags["champion_decision"] and old.data_digest in tags["champion_decision"]
+    assert (tags["data_digest"], tags["compared_version"], tags["compared_data_digest"]) == (
+        new.data_digest, "1", old.data_digest) and new.data_digest != old.data_digest
+    rows = shared_validation_rows(new, old)
+    trained_or_tested = set(pd.concat([prepared.load(c.config["data"]).manifest for c in (new, old)])
+                            .query("split != 'val'")["sha1"])
+    assert int(tags["shared_val_rows"]) == len(rows) >= 5 and not set(rows["sha1"]) & trained_or_tested
+    ours, theirs = float(tags["shared_val_accuracy"]), float(tags["compared_shared_val_accuracy"])
+    assert ours == accuracy_on(searched.best_model_uri, rows) > theirs == accuracy_on(quick.model_uri, rows)
+    assert tags["champion_decision"].startswith(f"champion: accuracy {ours:.4f} on {len(rows)} shared validation rows")
+    shown = CliRunner().invoke(cli_module.cli, ["models", "show", name]).output
+    assert f"\nversion 2 ({CHAMPION})\n" in shown and f"  compared_data_digest: {old.data_digest}\n" in shown
+    assert f"  shared_val_rows: {len(rows)}\n" in shown and f"  data_digest: {new.data_digest}\n" in shown
 
 
 def test_a_tie_on_shared_rows_keeps_the_alias(trained):
@@ -95,7 +106,7 @@ def test_a_tie_on_shared_rows_keeps_the_alias(trained):
     r = register(result.model_uri, name, metrics={"best_val_accuracy": 0.99})  # the same model, so a tie
     tags = mlflow.MlflowClient().get_model_version(name, "2").tags
     assert not r.champion and "does not beat" in r.decision and champion_version(name) == "1"
-    assert tags["shared_val_accuracy"] == tags["champion_shared_val_accuracy"] and int(tags["shared_val_rows"]) > 0
+    assert tags["shared_val_accuracy"] == tags["compared_shared_val_accuracy"] and int(tags["shared_val_rows"]) > 0
 
 
 def test_register_rejects_an_unknown_model_in_one_line():

@@ -152,7 +152,7 @@ def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking
         versions = mlflow.MlflowClient().search_model_versions("name = 'teamshapes-resnet50'")
         assert len(versions) == 1
         best = study.best_trial
-        assert versions[0].tags["source_run_id"] == best.user_attrs["mlflow_run_id"]
+        assert versions[0].run_id == best.user_attrs["mlflow_run_id"]
     finally:
         for process in processes:
             if process.poll() is None:
