@@ -108,7 +108,8 @@ class Objective:
 
 
 class ReportEpochs(keras.callbacks.Callback):
-    """Reports each epoch's val_accuracy to the trial and raises TrialPruned when the pruner says so."""
+    """Reports each epoch's val_accuracy to the trial, at the epoch's number from 1 (as the run's
+    metric steps), and raises TrialPruned when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial):
         super().__init__()
@@ -119,10 +120,10 @@ class ReportEpochs(keras.callbacks.Callback):
         mlflow.set_tag("mlflow.runName", f"trial-{self.trial.number}")
 
     def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_accuracy"]), epoch)
-        self.reported.append(epoch)
+        self.trial.report(float(logs["val_accuracy"]), epoch + 1)
+        self.reported.append(epoch + 1)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
 @contextmanager
