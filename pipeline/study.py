@@ -76,13 +76,15 @@ def default_study_name(cfg: TuneConfig, dataset: str) -> str:
 @contextmanager
 def locked(storage: str):
     """The storage's own lock, held by one process at a time on every machine that reaches it: a
-    PostgreSQL advisory lock, a MySQL named lock, or a lock file beside a sqlite or journal file.
-    Held while tables and the study are created and the grid enqueued, while a trial is asked
-    for, and while dead trials are failed: so each happens once however many commands start."""
+    PostgreSQL advisory lock, a MySQL named lock, or a lock file beside a sqlite or journal file
+    (<file>.pipeline-lock: <file>.lock is the journal's own, which Optuna waits for, then deletes).
+    Held while tables and the study are created, while the grid's points are taken over or
+    queued, while a trial is asked for, and while dead trials are failed: so each happens once
+    however many commands start."""
     url = _url(storage)
     if url is None or url.startswith("sqlite"):
         path = Path(storage) if url is None else Path(sqlalchemy.engine.make_url(url).database or "memory")
-        with open(f"{path.resolve()}.lock", "a") as handle:
+        with open(f"{path.resolve()}.pipeline-lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
         return
