@@ -75,7 +75,7 @@ class _LogEpochs(keras.callbacks.Callback):
                            step=epoch + 1)
 
 
-def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, callbacks=(), log_model: bool = True, run_id: str | None = None) -> TrainResult:
     """Train on the prepared data at cfg.data (train and val splits only) and log the run.
 
     One phase (finetune_epochs=0): up to cfg.epochs epochs with the layers of cfg.fine_tune
@@ -94,10 +94,11 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult
     class_weight=balanced, class_weights.json (class name -> weight); with log_model the whole
     image-to-class model (name "model", pipeline.card: signature, input example, model card).
     A run without the model keeps what rebuilds it exactly: log_trained_model_of(run id).
-    callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning.
+    callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning. run_id: log into
+    this run, made beforehand (a tune trial's, which Optuna links to before training starts).
     """
     data = prepared.load(cfg.data)
-    with step_run("train", cfg, data.name) as run:
+    with step_run("train", cfg, data.name, run_id=run_id) as run:
         log_input(data.mlflow_dataset("train"), "training")
         log_input(data.mlflow_dataset("val"), "validation")
         mlflow.set_tags(run_tags(cfg.seed, data.digest))
