@@ -115,7 +115,7 @@ def run(args, folder: str, deadline: float) -> float:
     trained = train(cfg, callbacks=[TimeBudget(deadline, counts["test"], counts["val"])])
     epochs = len(mlflow.MlflowClient().get_metric_history(trained.run_id, "val_loss"))
     best = int(mlflow.get_run(trained.run_id).data.metrics["best_epoch"])
-    print(f"epochs={epochs} best_epoch={best + 1} best_val_accuracy={trained.best_val_accuracy:.4f} "
+    print(f"epochs={epochs} best_epoch={best} best_val_accuracy={trained.best_val_accuracy:.4f} "
           f"learning_minutes={trained.learning_time_s / 60:.1f}", flush=True)
     scores = evaluate(EvaluateConfig(model=trained.model_uri, data=data.data_uri, experiment=experiment,
                                      batch_size=args.batch_size, cache_dir=f"{folder}/cache"))

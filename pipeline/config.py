@@ -227,12 +227,14 @@ class TuneConfig(_Search, MainConfig):
     """main's parameters as the base of every trial, plus the study's own.
 
     The first trials are the grid's seven points (hidden_layers, units, learning_rate from
-    pipeline.grid.GRID; dropout, batch_size, pooling and fine_tune from this config); later
+    pipeline.grid.GRID; dropout, batch_size, pooling and fine_tune from this config), taken over
+    from a grid that finished them on the same data and settings, else trained; later
     trials sample units, hidden_layers, learning_rate, dropout, batch_size, pooling and, with
     pretrained weights, fine_tune. So units, hidden_layers and learning_rate here are unused.
     """
     VARIED: ClassVar[tuple[str, ...]] = ("hidden_layers", "units", "learning_rate")  # not parameters of the step
-    n_trials: int = param(50, "finished (complete or pruned) trials the study should have, earlier runs included")
+    n_trials: int = param(50, "finished (complete or pruned) trials the study should have, earlier runs and grid "
+                              "points taken over from a finished grid included")
     timeout: int = param(0, "seconds after which a worker starts no new trial; 0: no limit")
     workers: int = param(1, "local worker processes sharing the study (more than 1: prefer a *.journal storage)")
     storage: str = param("optuna.db", "Optuna storage: a sqlite file, a *.journal file, or a database URL")

@@ -91,23 +91,29 @@ def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> tup
     from pipeline.evaluate import evaluate_trained
     from pipeline.train import train
 
-    key = _key(point, digest)
-    done = mlflow.search_runs([mlflow.active_run().info.experiment_id], output_format="list",
-                              filter_string=f"tags.grid_key = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    done = [r for r in done if "test_accuracy" in r.data.metrics]
-    if done:
-        run = done[0]
+    run = finished_point(point, digest, mlflow.active_run().info.experiment_id)
+    if run:
         print(f"point {number}: reusing finished run {run.info.run_id}")
         return _row(number, point, run.info.run_id, run.data.tags.get("model_uri", ""), run.data.metrics), None
     result = train(point, log_model=cfg.log_models == "all")
     client = mlflow.MlflowClient()
-    for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number), "grid_key": key}.items():
+    for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number),
+                       "grid_key": _key(point, digest)}.items():
         client.set_tag(result.run_id, tag, value)
     scores = evaluate_trained(result.trained, run_id=result.run_id)
     metrics = {**scores.metrics, "best_val_accuracy": result.best_val_accuracy,
                "learning_time_s": result.learning_time_s}
     return _row(number, point, result.run_id, result.model_uri, metrics), result.trained
+
+
+def finished_point(point: TrainConfig, digest: str, experiment_id: str):
+    """The latest finished and evaluated grid point run of the experiment that trained exactly
+    point (every setting but where data, runs and cache live: tag grid_key) on prepared data of
+    this content digest, or None. Training is deterministic on a CPU, so its metrics are the ones
+    point would get: grid reuses it, tune takes it over as a trial."""
+    query = f"tags.grid_key = '{_key(point, digest)}' and attributes.status = 'FINISHED'"
+    runs = mlflow.search_runs([experiment_id], query, output_format="list", order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if "test_accuracy" in run.data.metrics), None)
 
 
 def _with_model(row: dict, trained) -> dict:

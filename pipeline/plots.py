@@ -13,8 +13,8 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 def learning_curves(history: dict, title: str = "", phase_2: int | None = None) -> plt.Figure:
     """Loss and accuracy per epoch, train vs validation, side by side (the studies' Graph/N.png).
 
-    phase_2: the number of phase-1 epochs of two-phase training; a dashed line marks where
-    fine-tuning starts.
+    phase_2: phase 2's first epoch in two-phase training; a dashed line marks where fine-tuning
+    starts. Epochs count from 1, as the runs' metric steps and best_epoch do.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = range(1, len(history["loss"]) + 1)
@@ -22,7 +22,7 @@ def learning_curves(history: dict, title: str = "", phase_2: int | None = None) 
         ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
         ax.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
         if phase_2 is not None:
-            ax.axvline(phase_2 + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+            ax.axvline(phase_2 - 0.5, color="grey", linestyle="--", label="fine-tuning starts")
         ax.set(xlabel="epoch", ylabel=metric, title=f"{title} {metric}".strip())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()

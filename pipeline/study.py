@@ -7,7 +7,8 @@ grace_period), a `heartbeat` user attr on a journal. A trial whose process died 
 (at once on its host, after the grace period anywhere), its MLflow run ended FAILED with the
 reason, and it is retried (RetryHeartbeatStaleTrialCallback) unless it is a grid point already
 queued again. Everything that must happen once (tables, the study, the grid's queue, asking
-for a trial, failing a dead one) happens under the storage's lock (`locked`).
+for a trial, failing a dead one) happens under the storage's lock (`locked`). The study names its
+metric and links to MLflow (link_to_mlflow) so that optuna-dashboard reads it by itself.
 """
 
 import ctypes
@@ -15,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -79,13 +81,15 @@ def default_study_name(cfg: TuneConfig, dataset: str) -> str:
 @contextmanager
 def locked(storage: str):
     """The storage's own lock, held by one process at a time on every machine that reaches it: a
-    PostgreSQL advisory lock, a MySQL named lock, or a lock file beside a sqlite or journal file.
-    Held while tables and the study are created and the grid enqueued, while a trial is asked
-    for, and while dead trials are failed: so each happens once however many commands start."""
+    PostgreSQL advisory lock, a MySQL named lock, or a lock file beside a sqlite or journal file
+    (<file>.pipeline-lock: <file>.lock is the journal's own, which Optuna waits for, then deletes).
+    Held while tables and the study are created, while the grid's points are taken over or
+    queued, while a trial is asked for, and while dead trials are failed: so each happens once
+    however many commands start."""
     url = _url(storage)
     if url is None or url.startswith("sqlite"):
         path = Path(storage) if url is None else Path(sqlalchemy.engine.make_url(url).database or "memory")
-        with open(f"{path.resolve()}.lock", "a") as handle:
+        with open(f"{path.resolve()}.pipeline-lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
         return
@@ -155,12 +159,11 @@ def _storage_hint(storage: str) -> str:
             "postgresql+psycopg://user@host/db")
 
 
-def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.pruners.BasePruner | None = None,
-               enqueue: bool = False) -> optuna.Study:
-    """Create or load the study `name` in cfg.storage: maximise validation accuracy with TPE (the
-    grid's points are its start-up trials; constant liar keeps parallel workers apart) and pruner,
-    by default cfg.pruner's. enqueue: also queue the grid's points (enqueue_grid), under the
-    storage's lock, so that commands starting together queue them once.
+def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.pruners.BasePruner | None = None
+               ) -> optuna.Study:
+    """Create or load the study `name` in cfg.storage: maximise validation accuracy (its metric
+    named val_accuracy, as optuna-dashboard shows it) with TPE (the grid's points are its start-up
+    trials; constant liar keeps parallel workers apart) and pruner, by default cfg.pruner's.
 
     The sampler's seed follows cfg.seed, the worker and the trials so far: a fresh study is
     reproducible, while a resumed one or a second worker does not repeat the first one's draws.
@@ -169,9 +172,10 @@ def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.prune
     with locked(cfg.storage):
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     pruner=pruner or make_pruner(cfg), load_if_exists=True)
-        if enqueue:
-            fail_dead_trials(study)
-            enqueue_grid(study, cfg)
+        if study.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(["val_accuracy"])
     seed = int(hashlib.sha256(f"{cfg.seed}/{worker}/{len(study.trials)}".encode()).hexdigest()[:8], 16)
     study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=len(GRID), constant_liar=True)
     return study
@@ -188,14 +192,15 @@ def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 
 def suggest(trial: optuna.Trial, base: TrainConfig, weights: str) -> TrainConfig:
-    """base with the trial's head, learning rate, batch size, pooling and (pretrained) fine_tune."""
+    """base with the trial's head, learning rate, batch size, pooling and (pretrained) fine_tune.
+    The space holds base's dropout, batch size and fine_tune: the grid points' values."""
     pooling = trial.suggest_categorical("pooling", POOLINGS)
     values = {
         "pooling": pooling,
         "units": trial.suggest_int("units", *UNITS[pooling], log=True),
         "hidden_layers": trial.suggest_int("hidden_layers", *HIDDEN_LAYERS),
         "learning_rate": trial.suggest_float("learning_rate", *LEARNING_RATE, log=True),
-        "dropout": trial.suggest_float("dropout", *DROPOUT),
+        "dropout": trial.suggest_float("dropout", DROPOUT[0], max(DROPOUT[1], base.dropout)),  # the configured one too
         "batch_size": trial.suggest_categorical("batch_size", batch_sizes(base.batch_size)),
     }
     if weights != "none":
@@ -217,23 +222,44 @@ def grid_params(cfg: TuneConfig) -> list[dict]:
     return [{"units": units, "hidden_layers": layers, "learning_rate": lr, **rest} for layers, units, lr in GRID]
 
 
-def enqueue_grid(study: optuna.Study, cfg: TuneConfig) -> int:
-    """Queue each grid point (user attr grid_point 1..7) not yet waiting, running or finished; a
-    point whose trial failed is queued again. Call under the storage's lock (open_study does), so
-    that commands starting together queue each point once. Returns how many were queued."""
-    present = grid_points_present(study)
-    queued = 0
+def queue_grid(study: optuna.Study, cfg: TuneConfig, finished: dict[int, optuna.trial.FrozenTrial] | None = None
+               ) -> tuple[list[int], list[int]]:
+    """Give each grid point (user attr grid_point 1..7) not yet waiting, running or finished a
+    trial: finished[point], a grid's run of exactly that point taken over as a finished trial
+    (pipeline.tune), else a queued one; a point whose trial failed is queued again. Call under
+    the storage's lock, so that commands starting together take over or queue each point once.
+    Returns the points taken over and the points queued."""
+    present, finished = grid_points_present(study), finished or {}
+    taken, queued = [], []
     for number, params in enumerate(grid_params(cfg), start=1):
-        if number not in present:
+        if number in present:
+            continue
+        if number in finished:
+            study.add_trial(finished[number])
+            taken.append(number)
+        else:
             study.enqueue_trial(params, user_attrs={"grid_point": number})
-            queued += 1
-    return queued
+            queued.append(number)
+    return taken, queued
 
 
 def grid_points_present(study: optuna.Study) -> set[int]:
     """Grid points with a trial waiting, running or finished."""
     alive = (TrialState.WAITING, TrialState.RUNNING, *FINISHED)
     return {t.user_attrs.get("grid_point") for t in study.get_trials(deepcopy=False, states=alive)} - {None}
+
+
+def link_to_mlflow(study: optuna.Study, run) -> None:
+    """Study user attrs that lead from optuna-dashboard to MLflow: the tracking URI (password
+    hidden), the experiment's id and name, and the tune parent runs that worked on the study
+    (mlflow_parent_run_ids, one per command). Each trial has its run's id (mlflow_run_id)."""
+    parents = study.user_attrs.get("mlflow_parent_run_ids", [])
+    attrs = {"mlflow_tracking_uri": re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", mlflow.get_tracking_uri()),
+             "mlflow_experiment_id": run.info.experiment_id,
+             "mlflow_experiment_name": mlflow.get_experiment(run.info.experiment_id).name,
+             "mlflow_parent_run_ids": [*parents, run.info.run_id] if run.info.run_id not in parents else parents}
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
 
 
 def worker_id() -> str:

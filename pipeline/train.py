@@ -31,7 +31,7 @@ class Trained:
     data: prepared.PreparedData
     history: dict
     seconds: float  # fit's wall clock, both phases
-    phase_2: int | None  # the step of phase 2's first epoch, with two phases
+    phase_2: int | None  # phase 2's first epoch, with two phases
     backbone: Backbone | None = None  # the cached features' backbone, for a head
     backbone_digest: str = ""  # of those features' weights
 
@@ -46,19 +46,24 @@ class Trained:
 
     @property
     def best_epoch(self) -> int:
-        """The epoch whose weights the model holds: each phase's early stopping restores its own
-        best (_restored), and phase 2's is kept only if it beats phase 1's by min_delta."""
+        """The restored epoch, counted from 1 as every epoch is: each phase's early stopping
+        restores its own best (_restored), and phase 2's is kept only if it beats phase 1's by min_delta."""
         losses, delta = self.history["val_loss"], self.cfg.min_delta
-        first = _restored(losses[:self.phase_2], delta)
-        if self.phase_2 is None:
-            return first
-        second = self.phase_2 + _restored(losses[self.phase_2:], delta)
-        return second if losses[second] < losses[first] - delta else first
+        split = self.phase_2 - 1 if self.phase_2 else len(losses)
+        first = _restored(losses[:split], delta)
+        if split == len(losses):
+            return 1 + first
+        second = split + _restored(losses[split:], delta)
+        return 1 + (second if losses[second] < losses[first] - delta else first)
+
+    def best(self, metric: str) -> float:
+        """A history metric at the restored epoch."""
+        return self.history[metric][self.best_epoch - 1]
 
 
 def _restored(losses: list, min_delta: float) -> int:
-    """The epoch Keras' EarlyStopping restores: the first, then each one whose val_loss is lower
-    than the last such epoch's by more than min_delta."""
+    """The index of the epoch Keras' EarlyStopping restores: the first, then each one whose
+    val_loss is lower than the last such epoch's by more than min_delta."""
     best = 0
     for epoch, loss in enumerate(losses):
         if loss < losses[best] - min_delta:
@@ -80,14 +85,15 @@ HEAD_STEPS_PER_EXECUTION = 16  # measured: 2.3-2.6 s per epoch of 7,966 flatten 
 
 
 class _LogEpochs(keras.callbacks.Callback):
-    """Per-epoch metrics; Keras' loss and accuracy (of the training batches) as train_loss and
-    train_accuracy, so that no one reads them as test figures."""
+    """Per-epoch metrics, at steps that count epochs from 1 (Keras counts from 0); Keras' loss and
+    accuracy (of the training batches) as train_loss and train_accuracy, so that no one reads
+    them as test figures."""
     def on_epoch_end(self, epoch, logs=None):
         mlflow.log_metrics({(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in (logs or {}).items()},
-                           step=epoch)
+                           step=epoch + 1)
 
 
-def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, callbacks=(), log_model: bool = True, run_id: str | None = None) -> TrainResult:
     """Train on the prepared data at cfg.data (train and val splits only) and log the run.
 
     One phase (finetune_epochs=0): up to cfg.epochs epochs with the layers of cfg.fine_tune
@@ -99,27 +105,25 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True) -> TrainResult
     With several GPUs it trains over all of them (_strategy), cfg.batch_size images per step in all.
     The same seed and data give the same metrics on a CPU (pipeline.reproducibility).
     Logs: tags seed, data_digest, version.<package>, version.python, platform, device, num_replicas,
-    engine and precision (also printed); every parameter and config.json; per-epoch train_loss,
-    train_accuracy, val_loss, val_accuracy (phase 2's steps continue phase 1's); learning_time_s
-    (fit's wall clock, both phases); best_epoch, best_val_accuracy and best_val_loss of the
-    restored weights; with two phases finetune_start_epoch and finetune_time_s;
-    plots/learning_curves.png; on cached features feature_extraction_s, feature_cache_hits,
-    feature_cache_mb and engine_rel_error; with class_weight=balanced, class_weights.json (class
-    name -> weight); with log_model the whole image-to-class model (name "model", pipeline.card:
-    signature, input example, model card).
+    engine and precision (also printed); every parameter and config.json; per-epoch train_loss, train_accuracy, val_loss, val_accuracy
+    at steps 1, 2, ... (phase 2's continue phase 1's); learning_time_s (fit's wall clock, both phases);
+    best_epoch (from 1), best_val_accuracy and best_val_loss of the restored weights; with two
+    phases finetune_start_epoch (phase 2's first epoch) and finetune_time_s; plots/learning_curves.png; on cached features
+    feature_extraction_s, feature_cache_hits, feature_cache_mb and engine_rel_error; with
+    class_weight=balanced, class_weights.json (class name -> weight); with log_model the whole
+    image-to-class model (name "model", pipeline.card: signature, input example, model card).
     A run without the model keeps what rebuilds it exactly: log_trained_model_of(run id).
-    callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning.
+    callbacks: extra Keras callbacks for fit (both phases), e.g. tune's pruning. run_id: log into
+    this run, made beforehand (a tune trial's, which Optuna links to before training starts).
     """
     data = prepared.load(cfg.data)
-    with step_run("train", cfg, data.name) as run:
+    with step_run("train", cfg, data.name, run_id=run_id) as run:
         log_input(data.mlflow_dataset("train"), "training")
         log_input(data.mlflow_dataset("val"), "validation")
         mlflow.set_tags(run_tags(cfg.seed, data.digest))
         trained = fit(cfg, data, callbacks, log=True)
-        best = trained.best_epoch
-        summary = {"best_val_accuracy": trained.history["val_accuracy"][best],
-                   "best_val_loss": trained.history["val_loss"][best]}
-        mlflow.log_metrics({**summary, "best_epoch": best, "learning_time_s": trained.seconds})
+        summary = {"best_val_accuracy": trained.best("val_accuracy"), "best_val_loss": trained.best("val_loss")}
+        mlflow.log_metrics({**summary, "best_epoch": trained.best_epoch, "learning_time_s": trained.seconds})
         mlflow.log_figure(learning_curves(trained.history, data.name, trained.phase_2), "plots/learning_curves.png")
         model_uri = log_trained(trained) if log_model else ""
     return TrainResult(run.info.run_id, model_uri, learning_time_s=trained.seconds, trained=trained, **summary)
@@ -332,8 +336,8 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
 def _fine_tune(trained: Trained, job: _Job) -> None:
     """Phase 2: unfreeze cfg.fine_tune's layers (a pretrained backbone's BatchNorm stays frozen),
     recompile at finetune_learning_rate and train the whole model on images for up to
-    finetune_epochs epochs, numbered on from phase 1's; trained then holds the whole model and
-    both phases' history.
+    finetune_epochs epochs, numbered on from phase 1's; trained then holds the whole model, both
+    phases' history and phase 2's first epoch (phase_2).
 
     If phase 2's best val_loss does not beat phase 1's by min_delta, phase 1's weights are put back,
     so the model is always the epoch that best_epoch names.
@@ -347,7 +351,7 @@ def _fine_tune(trained: Trained, job: _Job) -> None:
     set_fine_tune(model.get_layer("resnet50"), cfg.fine_tune, pretrained=cfg.weights != "none")
     more, seconds = _fit_on_images(model, job, cfg.finetune_learning_rate, len(history["val_loss"]),
                                    cfg.finetune_epochs)
-    trained.phase_2 = len(history["val_loss"])
+    trained.phase_2 = len(history["val_loss"]) + 1
     trained.history = {k: list(history[k]) + list(more[k]) for k in history}
     if trained.best_epoch < trained.phase_2:
         model.set_weights(phase_1)
@@ -375,10 +379,8 @@ def log_trained_model_of(cfg: LogModelConfig) -> LogModelResult:
     train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
                             | ({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}))
     trained = fit(train_cfg, prepared.load(train_cfg.data))
-    best = trained.best_epoch
-    for metric, rebuilt in (("best_val_loss", trained.history["val_loss"][best]),
-                            ("best_val_accuracy", trained.history["val_accuracy"][best])):
-        logged = run.data.metrics.get(metric)
+    for metric in ("best_val_loss", "best_val_accuracy"):
+        rebuilt, logged = trained.best(metric.removeprefix("best_")), run.data.metrics.get(metric)
         if logged is not None and abs(rebuilt - logged) > 1e-5 * max(1.0, abs(logged)):
             raise PipelineError(f"run {cfg.run}'s model did not rebuild exactly ({metric} {rebuilt:.6f}, logged "
                                 f"{logged:.6f}): it needs the same packages, CPU kind and devices (tag num_replicas); "

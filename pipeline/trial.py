@@ -6,12 +6,10 @@ TensorFlow (traced functions, XLA clusters) and MLflow each keep a little of eve
 clearing the Keras session does not give all of it back. The price is the interpreter's start.
 """
 
-import json
 import os
 import signal
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -20,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import TrainConfig
-from pipeline.liveness import Stopped, beating, stop_on_signals
+from pipeline.liveness import Stopped, beating, owner_tags, stop_on_signals
 from pipeline.study import (Job, beat, claim_trial, counted, die_with_parent, fail_dead_trials, locked, open_study,
                             print_trial, suggest, worker_id)
 
@@ -78,73 +76,57 @@ class Objective:
         from pipeline.train import train
 
         point = suggest(trial, self.base, self.job.cfg.weights)
-        report = ReportEpochs(trial)
+        run_id, report = self._start_run(trial), ReportEpochs(trial)
         try:
-            with tag_new_runs(self._tags(trial)):
-                result = train(point, callbacks=[report], log_model=self.job.cfg.log_models == "all")
+            result = train(point, callbacks=[report], log_model=self.job.cfg.log_models == "all", run_id=run_id)
         except optuna.TrialPruned:
-            end_run(report.run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
+            end_run(run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
             raise
         except KeyboardInterrupt:
-            end_run(report.run_id, "FAIL")  # train's step_run ended it KILLED, with the reason
+            end_run(run_id, "FAIL")  # train's step_run ended it KILLED, with the reason
             raise
         except BaseException:
-            end_run(report.run_id, "FAIL", "FAILED")
+            end_run(run_id, "FAIL", "FAILED")
             raise
         finally:
-            record_memory(trial, report.run_id)
-        trial.set_user_attr("mlflow_run_id", result.run_id)
+            record_memory(trial, run_id)
         trial.set_user_attr("model_uri", result.model_uri)
-        end_run(result.run_id, "COMPLETE")
+        end_run(run_id, "COMPLETE")
         return result.best_val_accuracy
 
-    def _tags(self, trial: optuna.Trial) -> dict:
+    def _start_run(self, trial: optuna.Trial) -> str:
+        """The trial's run, made before train logs into it, so that it names its trial, process and
+        parent from its first moment and the trial links to it (user attr mlflow_run_id, which
+        optuna-dashboard shows) however the trial ends: complete, pruned or failed."""
         tags = {"optuna_study": self.job.study_name, "optuna_trial": str(trial.number), "optuna_state": "RUNNING",
                 "optuna_process": worker_id(), "optuna_worker": self.worker,
-                "mlflow.parentRunId": self.job.parent_run_id}
+                "mlflow.parentRunId": self.job.parent_run_id, **owner_tags()}
         if "grid_point" in trial.user_attrs:
             tags["grid_point"] = str(trial.user_attrs["grid_point"])
-        return tags
+        experiment = mlflow.get_experiment_by_name(self.job.experiment).experiment_id
+        run = mlflow.MlflowClient().create_run(experiment, tags=tags, run_name=f"trial-{trial.number}")
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        return run.info.run_id
 
 
 class ReportEpochs(keras.callbacks.Callback):
-    """Reports each epoch's val_accuracy to the trial and raises TrialPruned when the pruner says so."""
+    """Reports each epoch's val_accuracy to the trial, at the epoch's number from 1 (as the run's
+    metric steps), and raises TrialPruned when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial):
         super().__init__()
-        self.trial, self.run_id, self.reported = trial, None, []
-
-    def on_train_begin(self, logs=None):
-        self.run_id = mlflow.active_run().info.run_id
-        mlflow.set_tag("mlflow.runName", f"trial-{self.trial.number}")
+        self.trial, self.reported = trial, []
 
     def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_accuracy"]), epoch)
-        self.reported.append(epoch)
+        self.trial.report(float(logs["val_accuracy"]), epoch + 1)
+        self.reported.append(epoch + 1)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
 
-@contextmanager
-def tag_new_runs(tags: dict):
-    """Runs started inside carry tags from their first moment (MLflow's MLFLOW_RUN_CONTEXT): the
-    trial's run (made by train) names its trial, process and parent even if the process dies."""
-    before = os.environ.get("MLFLOW_RUN_CONTEXT")
-    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(tags)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_RUN_CONTEXT", None)
-        else:
-            os.environ["MLFLOW_RUN_CONTEXT"] = before
-
-
-def end_run(run_id: str | None, state: str, status: str | None = None, **tags) -> None:
+def end_run(run_id: str, state: str, status: str | None = None, **tags) -> None:
     """Tag a trial's run with its Optuna state and set its status if train did not: a pruned
     trial was stopped on purpose, before the end: KILLED, not FAILED."""
-    if run_id is None:
-        return
     client = mlflow.MlflowClient()
     for key, value in {"optuna_state": state, **tags}.items():
         client.set_tag(run_id, key, value)
@@ -152,15 +134,14 @@ def end_run(run_id: str | None, state: str, status: str | None = None, **tags) -
         client.set_terminated(run_id, status)
 
 
-def record_memory(trial: optuna.Trial, run_id: str | None) -> None:
+def record_memory(trial: optuna.Trial, run_id: str) -> None:
     """The process's memory after the trial, as trial user attrs and run metrics: rss_mb (resident
     now, the Keras session cleared) and peak_rss_mb (its high-water mark: the trial's peak)."""
     keras.backend.clear_session(free_memory=True)
     memory = rss_mb()
     for key, value in memory.items():
         trial.set_user_attr(key, value)
-        if run_id:
-            mlflow.MlflowClient().log_metric(run_id, key, value)
+        mlflow.MlflowClient().log_metric(run_id, key, value)
 
 
 def rss_mb() -> dict[str, float]:

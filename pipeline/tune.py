@@ -1,10 +1,12 @@
 """tune: an Optuna study that starts from the studies' seven grid points and searches beyond them.
 
 One parent run holds the prepared data and the study's results; every trial is a child run made
-by train itself (params, per-epoch metrics, the model). Optuna sees validation accuracy only;
-the test split is read once, at the end, for the best trial's model. The study lives in an
-Optuna storage (pipeline.study), so the same command resumes it after any interruption, and
-several processes, here or on other machines, can work on it at once.
+by train itself (params, per-epoch metrics, the model). Grid points that a `grid` already
+finished on the same data and settings are taken over as finished trials, not trained again.
+Optuna sees validation accuracy only; the test split is read once, at the end, for the best
+trial's model. The study lives in an Optuna storage (pipeline.study), so the same command
+resumes it after any interruption, and several processes, here or on other machines, can work
+on it at once.
 """
 
 import multiprocessing
@@ -22,10 +24,12 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import datasets
-from pipeline.config import EvaluateConfig, LogModelConfig, PipelineError, PrepareConfig, TuneConfig
+from pipeline.config import EvaluateConfig, LogModelConfig, PipelineError, PrepareConfig, TrainConfig, TuneConfig
+from pipeline.grid import finished_point
 from pipeline.registry import register
 from pipeline.liveness import Stopped, stop_on_signals
-from pipeline.study import Job, counted, default_study_name, die_with_parent, fail_dead_trials, locked, open_study, worker_id
+from pipeline.study import (Job, counted, default_study_name, die_with_parent, fail_dead_trials, grid_params,
+                            link_to_mlflow, locked, open_study, queue_grid, suggest, worker_id)
 from pipeline.tracking import claim, step_run
 
 POLL_S = 2  # how often a worker with nothing to start looks at the study again
@@ -47,8 +51,10 @@ class TuneResult:
 
 
 def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> TuneResult:
-    """Prepare the data into the parent run, run the study with cfg.workers processes until it has
-    cfg.n_trials finished trials, then evaluate and register the best trial's model.
+    """Prepare the data into the parent run, start the study (start_study: the grid's points,
+    taken over from a finished grid on the same data and settings or queued), run it with
+    cfg.workers processes until it has cfg.n_trials finished trials (taken-over points count),
+    then evaluate and register the best trial's model.
 
     Logs on the parent: the data artifacts of prepare; tune_trials.csv (Optuna's trials table);
     plots/optimization_history.png, plots/param_importances.png, plots/parallel_coordinate.png;
@@ -57,7 +63,10 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
     a train run named trial-<number>, in a process of its own (pipeline.trial), with tags
     optuna_study, optuna_trial, optuna_worker, optuna_process and optuna_state: COMPLETE (run
     FINISHED), PRUNED (run KILLED, tag pruned_at_epoch, no model) or FAIL (run FAILED); and
-    metrics rss_mb and peak_rss_mb. Prints one line per trial.
+    metrics rss_mb and peak_rss_mb; a taken-over grid point's run stays its grid's. The study
+    names its objective val_accuracy, each trial has user attr mlflow_run_id and the study the
+    attrs of pipeline.study.link_to_mlflow, for optuna-dashboard. Prints one line per trial, and
+    one for the grid points taken over.
     pruner: any Optuna pruner instead of cfg.pruner's (picklable: trial processes get a copy).
     """
     from pipeline.prepare import prepare
@@ -65,11 +74,12 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     datasets.scan(source)  # fail before any run starts
     name = default_study_name(cfg, source.name)
-    study = open_study(cfg, name, enqueue=True)  # a bad storage fails here too; the grid is queued once
+    study = open_study(cfg, name)  # a bad storage fails here too
     parent_id = claim(cfg.experiment or source.name, {"step": "tune", "optuna_study": name}, "tune", exclusive=False)
     with step_run("tune", cfg, source.name, run_id=parent_id) as parent:
         mlflow.set_tags({"step": "tune", "optuna_study": name})
         data = prepare(cfg.to(PrepareConfig), run_id=parent.info.run_id)
+        start_study(study, cfg, data, parent)
         experiment = mlflow.get_experiment(parent.info.experiment_id).name
         run_workers(Job(cfg, name, data.data_uri, parent.info.run_id, experiment, pruner))
         with locked(cfg.storage):  # one command at a time: the best is evaluated and registered once
@@ -87,6 +97,41 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
           f"params {best.params}")
     return TuneResult(parent.info.run_id, name, best.number, best.value, best.params, model_uri,
                       test_accuracy, registered.uri, states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED))
+
+
+def start_study(study: optuna.Study, cfg: TuneConfig, data, parent) -> None:
+    """Under the storage's lock, so that commands starting together do it once: fail dead trials,
+    take over the grid points that a grid finished on the same data and settings as finished
+    trials, queue the other points, and link the study to this parent run (link_to_mlflow)."""
+    finished = grid_trials(cfg, data, parent.info.experiment_id)  # MLflow's searches, before the lock
+    with locked(cfg.storage):
+        fail_dead_trials(study)
+        taken, _ = queue_grid(study, cfg, finished)
+        link_to_mlflow(study, parent)
+    if taken:
+        grids = sorted({finished[n].user_attrs["grid_run_id"] for n in taken})
+        print(f"took over grid points {', '.join(map(str, taken))} from grid run {', '.join(grids)} as finished "
+              f"trials of study {study.study_name}: same data and settings, not trained again")
+
+
+def grid_trials(cfg: TuneConfig, data, experiment_id: str) -> dict[int, optuna.trial.FrozenTrial]:
+    """The grid points whose exact training config, the one this study's grid trial would train
+    (suggest), a grid finished on data of the same content (pipeline.grid.finished_point), as
+    finished trials: value best_val_accuracy, each epoch's val_accuracy, the trial's params and
+    search space; user attrs grid_point, mlflow_run_id (the point's run), grid_run_id (its grid)."""
+    base, client, trials = cfg.to(TrainConfig, data=data.data_uri), mlflow.MlflowClient(), {}
+    for number, params in enumerate(grid_params(cfg), start=1):
+        fixed = optuna.trial.FixedTrial(params)
+        run = finished_point(suggest(fixed, base, cfg.weights), data.digest, experiment_id)
+        if run is None:
+            continue
+        epochs = sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda m: m.step)
+        trials[number] = optuna.trial.create_trial(
+            value=run.data.metrics["best_val_accuracy"], params=fixed.params, distributions=fixed.distributions,
+            intermediate_values={epoch: m.value for epoch, m in enumerate(epochs, start=1)},
+            user_attrs={"grid_point": number, "mlflow_run_id": run.info.run_id,
+                        "grid_run_id": run.data.tags.get("mlflow.parentRunId", "")})
+    return trials
 
 
 def run_workers(job: Job) -> None:
@@ -159,7 +204,8 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 
 def _best_model(best: optuna.trial.FrozenTrial, cfg: TuneConfig) -> str:
-    """The best trial's whole model: logged by the trial (log_models=all) or rebuilt and logged now."""
+    """The best trial's whole model: logged by the trial (log_models=all) or by the grid whose point
+    it took over, else rebuilt and logged now."""
     from pipeline.train import log_trained_model_of
 
     if best.user_attrs.get("model_uri"):

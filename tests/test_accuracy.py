@@ -139,8 +139,8 @@ def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lops
     assert fits == [("head", 0, weights), ("resnet50_classifier", 1, weights)]  # features, then images
     logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/class_weights.json")
     assert logged == pytest.approx({"cat": weights[0], "dog": weights[1], "owl": weights[2]}) and logged["cat"] < 1
-    assert [step for step, _ in metric_history(result.run_id, "val_loss")] == [0, 1, 2]
-    assert mlflow.get_run(result.run_id).data.metrics["finetune_start_epoch"] == 1
+    assert [step for step, _ in metric_history(result.run_id, "val_loss")] == [1, 2, 3]
+    assert mlflow.get_run(result.run_id).data.metrics["finetune_start_epoch"] == 2
 
     top = set(names[-20:])
     assert len(snapshots.taken) == 2 and len(batchnorm & top) >= 5

@@ -55,14 +55,28 @@ def test_train_logs_params_epochs_time_curves_and_model(main_result):
     assert train_run.data.params["learning_rate"] == str(cfg.learning_rate)
     client = mlflow.MlflowClient()
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert [m.step for m in client.get_metric_history(train_run.info.run_id, key)] == [0, 1], key
+        assert [m.step for m in client.get_metric_history(train_run.info.run_id, key)] == [1, 2], key
     metrics = train_run.data.metrics
+    assert metrics["best_epoch"] in (1, 2)  # epochs count from 1, as the steps do
     assert metrics["learning_time_s"] > 0 and "learning_time_ms" not in metrics  # one learning-time metric
     assert "test_accuracy" in metrics  # copied back by evaluate, for side-by-side comparison
     artifacts = [a.path for a in client.list_artifacts(train_run.info.run_id, "plots")]
     assert artifacts == ["plots/learning_curves.png"]
     config = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{train_run.info.run_id}/config.json")).read_text())
     assert config["units"] == cfg.units and config["data"].startswith("runs:/")
+
+
+def test_learning_curves_count_epochs_from_1_and_mark_phase_2_at_its_first_epoch():
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import learning_curves
+
+    history = {key: [0.9, 0.6, 0.5] for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
+    fig = learning_curves(history, phase_2=3)
+    for ax in fig.axes:
+        train_line, *_, phase_line = ax.lines
+        assert list(train_line.get_xdata()) == [1, 2, 3] and list(phase_line.get_xdata()) == [2.5, 2.5]
+    plt.close(fig)
 
 
 def test_logged_model_classifies_raw_images_and_describes_itself(main_result, tmp_path):

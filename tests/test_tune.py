@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -16,9 +17,10 @@ import pytest
 from conftest import make_dataset
 from optuna.trial import TrialState
 
-from pipeline.config import PipelineError, TrainConfig, TuneConfig
+from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
+from pipeline.grid import _key, point_configs
 from pipeline.liveness import is_dead, owner_key
-from pipeline.study import enqueue_grid, fail_dead_trials, grid_params, open_storage, open_study, suggest
+from pipeline.study import fail_dead_trials, grid_params, open_storage, open_study, queue_grid, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 5, "val_fraction": 0.25,
@@ -45,6 +47,22 @@ def children(parent_run_id: str, experiment: str) -> pd.DataFrame:
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.step = 'train'")
 
 
+def fake_grid(cfg: TuneConfig, digest: str, experiment: str, points=range(1, 8), **changed) -> str:
+    """A grid parent run with finished, evaluated point runs as grid() leaves them (tag grid_key of
+    the grid's own point configs, per-epoch val_accuracy, best_val_accuracy, test_accuracy),
+    without training; changed: grid settings that differ from cfg's. Its run id."""
+    configs = point_configs(cfg.to(GridConfig, **changed), "runs:/grid/data")
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="grid") as parent:
+        for number in points:
+            with mlflow.start_run(run_name=f"point-{number}", nested=True):
+                mlflow.set_tags({"grid_point": str(number), "grid_key": _key(configs[number - 1], digest)})
+                for epoch, value in ((1, 0.3), (2, number / 10)):
+                    mlflow.log_metric("val_accuracy", value, step=epoch)
+                mlflow.log_metrics({"best_val_accuracy": number / 10, "test_accuracy": 0.5})
+    return parent.info.run_id
+
+
 class PruneOdd(optuna.pruners.BasePruner):
     """Prunes every odd-numbered trial after its first epoch: pruning without luck."""
 
@@ -55,21 +73,101 @@ class PruneOdd(optuna.pruners.BasePruner):
 def test_grid_points_are_queued_once_and_again_after_a_failure(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "optuna.db", dropout=0.3)
     study = open_study(cfg, "queue")
-    assert enqueue_grid(study, cfg) == 7 and enqueue_grid(study, cfg) == 0
+    assert queue_grid(study, cfg) == ([], [1, 2, 3, 4, 5, 6, 7]) and queue_grid(study, cfg) == ([], [])
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"] for t in waiting] == grid_params(cfg)
     assert grid_params(cfg)[4] == {"units": 8, "hidden_layers": 3, "learning_rate": 1e-5, "dropout": 0.3,
                                    "batch_size": 8, "pooling": "flatten"}  # weights=none: fine_tune not searched
     first = study.ask()
     study.tell(first, state=TrialState.FAIL)
-    assert enqueue_grid(study, cfg) == 1
+    assert queue_grid(study, cfg) == ([], [1])
     assert study.get_trials(states=(TrialState.WAITING,))[-1].user_attrs["grid_point"] == 1
+
+
+def test_only_points_of_a_grid_on_the_same_data_and_settings_are_taken_over_once(tmp_path, capsys):
+    from pipeline.tune import grid_trials, start_study
+
+    cfg = tiny_config(tmp_path, tmp_path / "optuna.db", dropout=0.8)  # above 0.7: in the space all the same
+    same = fake_grid(cfg, "digest-a", "takeover", points=(2, 5, 6))
+    others = [fake_grid(cfg, "digest-b", "takeover", points=(1, 3)),  # other data
+              fake_grid(cfg, "digest-a", "takeover", points=(1, 3), epochs=3),  # other settings
+              fake_grid(cfg, "digest-a", "takeover", points=(1, 3), engine="tensorflow"),
+              fake_grid(cfg, "digest-a", "elsewhere", points=(1, 3))]  # another experiment
+    assert len(set(others)) == 4
+    data = SimpleNamespace(data_uri="runs:/tune/data", digest="digest-a")
+    experiment = mlflow.get_experiment_by_name("takeover").experiment_id
+    assert grid_trials(replace(cfg, seed=1), data, experiment) == {}
+
+    study = open_study(cfg, "takeover")
+    with mlflow.start_run(experiment_id=experiment) as parent:
+        start_study(study, cfg, data, parent)
+        start_study(study, cfg, data, parent)  # a second command: nothing twice
+    trials = study.get_trials()
+    assert sorted(t.user_attrs["grid_point"] for t in trials) == list(range(1, 8))
+    taken = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert [t.user_attrs["grid_point"] for t in taken] == [2, 5, 6]
+    assert [t.params for t in taken] == [grid_params(cfg)[n - 1] for n in (2, 5, 6)]
+    assert [t.value for t in taken] == [0.2, 0.5, 0.6]
+    assert [t.intermediate_values for t in taken] == [{1: 0.3, 2: v} for v in (0.2, 0.5, 0.6)]
+    points = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{same}'").set_index("tags.grid_point")
+    assert [t.user_attrs["mlflow_run_id"] for t in taken] == [points.loc[n, "run_id"] for n in ("2", "5", "6")]
+    assert all(t.user_attrs["grid_run_id"] == same for t in taken)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["grid_point"] for t in waiting] == [1, 3, 4, 7]
+    out = capsys.readouterr().out
+    assert out.count("took over") == 1 and f"took over grid points 2, 5, 6 from grid run {same} as finished" in out
+
+
+def test_two_commands_at_once_take_over_or_queue_each_grid_point_once(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "shared.journal")
+    grid_run = fake_grid(cfg, "digest-c", "takeover-twice", points=(1, 2, 3, 4))
+    experiment = mlflow.get_experiment_by_name("takeover-twice").experiment_id
+    script = f"""
+from types import SimpleNamespace
+import mlflow
+from pipeline.config import TuneConfig
+from pipeline.study import open_study
+from pipeline.tune import start_study
+cfg = TuneConfig(dataset={str(tmp_path)!r}, storage={cfg.storage!r}, **{TINY!r})
+study = open_study(cfg, "twice")
+with mlflow.start_run(experiment_id={experiment!r}) as parent:
+    start_study(study, cfg, SimpleNamespace(data_uri="runs:/x/data", digest="digest-c"), parent)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    commands = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, env=env) for _ in range(2)]
+    outs = [command.communicate(timeout=120)[0] for command in commands]
+    assert [command.returncode for command in commands] == [0, 0], outs
+    assert sum(f"took over grid points 1, 2, 3, 4 from grid run {grid_run}" in out for out in outs) == 1, outs
+    trials = optuna.load_study(study_name="twice", storage=open_storage(cfg.storage)).get_trials()
+    assert sorted(t.user_attrs["grid_point"] for t in trials) == list(range(1, 8))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 + [TrialState.WAITING] * 3
+
+
+def test_the_study_names_its_metric_and_links_to_its_mlflow_experiment_and_parent_runs(tmp_path, monkeypatch):
+    from pipeline.study import link_to_mlflow
+
+    study = open_study(tiny_config(tmp_path, tmp_path / "optuna.db"), "linked")
+    assert study.metric_names == ["val_accuracy"]
+    experiment, parents = mlflow.set_experiment("linked"), []
+    for _ in range(2):  # two commands on one study
+        with mlflow.start_run() as parent:
+            link_to_mlflow(study, parent)
+            link_to_mlflow(study, parent)  # the same run once
+        parents.append(parent.info.run_id)
+    attrs = study.user_attrs
+    assert attrs["mlflow_parent_run_ids"] == parents and len(parents) == 2
+    assert (attrs["mlflow_experiment_id"], attrs["mlflow_experiment_name"]) == (experiment.experiment_id, "linked")
+    assert attrs["mlflow_tracking_uri"] == mlflow.get_tracking_uri()
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "postgresql+psycopg://team:secret@dbhost/mlflow")
+    link_to_mlflow(study, parent)
+    assert study.user_attrs["mlflow_tracking_uri"] == "postgresql+psycopg://team:***@dbhost/mlflow"
 
 
 def test_after_the_grid_points_tpe_searches_beyond_them(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "optuna.db")
     study = open_study(cfg, "beyond")
-    enqueue_grid(study, cfg)
+    queue_grid(study, cfg)
     base = cfg.to(TrainConfig, data="runs:/x/data")
     for value in (0.3, 0.4, 0.5, 0.4, 0.3, 0.6, 0.7, 0.5, 0.6):
         trial = study.ask()
@@ -154,6 +252,7 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
     assert list(runs["tags.optuna_state"]) == ["COMPLETE", "PRUNED"] * 2
     assert list(runs["status"]) == ["FINISHED", "KILLED"] * 2
     assert list(runs["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
+    assert [t.user_attrs["mlflow_run_id"] for t in trials] == list(runs["run_id"])  # pruned ones too
     assert runs["metrics.rss_mb"].gt(100).all() and runs["metrics.peak_rss_mb"].ge(runs["metrics.rss_mb"]).all()
     client = mlflow.MlflowClient()
     epochs = [len(client.get_metric_history(run_id, "val_accuracy")) for run_id in runs["run_id"]]
@@ -175,7 +274,7 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
     [version] = client.search_model_versions("name = 'tuneshapes-resnet50'")
     assert version.run_id == runs.loc[str(best.number), "run_id"]
     out = capfd.readouterr().out  # trials print from processes of their own
-    assert "trial   0 COMPLETE value=" in out and " (pruned after epoch 0) params: units=16, " in out
+    assert "trial   0 COMPLETE value=" in out and " (pruned after epoch 1) params: units=16, " in out
 
 
 @pytest.mark.slow
@@ -211,6 +310,7 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
         states=(TrialState.WAITING,))
     assert [t.user_attrs["grid_point"] for t in waiting] == [4, 5, 6, 7, 2]  # the dead grid point is queued again
     assert result.run_id == interrupted
+    assert trials[1].user_attrs["mlflow_run_id"] == killed_run  # a failed trial links to its run too
     killed = mlflow.get_run(killed_run)
     assert killed.info.status == "FAILED" and killed.data.tags["optuna_state"] == "FAIL"
     assert mlflow.search_runs(experiment_names=["killshapes"], filter_string="attributes.status = 'RUNNING'").empty
@@ -243,3 +343,30 @@ def test_a_flatten_head_is_searched_up_to_128_units_an_avg_head_to_512():
         trial = study.ask()
         assert suggest(trial, base, "none").pooling == pooling
         assert trial.distributions["units"] == IntDistribution(4, high, log=True)
+
+
+@pytest.mark.slow
+def test_tune_after_a_grid_on_the_same_settings_trains_only_the_new_trials(tmp_path, capsys):
+    from pipeline.grid import grid
+    from pipeline.tune import tune
+
+    cfg = tiny_config(make_dataset(tmp_path / "adoptshapes", n=8), tmp_path / "optuna.db", n_trials=9)
+    grid_run = grid(cfg.to(GridConfig)).run_id
+    points = {int(run.data.tags["grid_point"]): run for run in mlflow.search_runs(
+        experiment_names=["adoptshapes"], filter_string=f"tags.mlflow.parentRunId = '{grid_run}'",
+        output_format="list")}
+    result = tune(cfg)
+
+    assert len(children(result.run_id, "adoptshapes")) == 2  # exactly 2 new models trained
+    trials = trials_of(cfg, result.study_name)
+    assert len(trials) == 9 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    taken = sorted((t for t in trials if "grid_point" in t.user_attrs), key=lambda t: t.user_attrs["grid_point"])
+    assert [t.user_attrs["grid_point"] for t in taken] == list(range(1, 8))  # each point once
+    assert [t.params for t in taken] == grid_params(cfg)
+    assert [t.user_attrs["mlflow_run_id"] for t in taken] == [points[n].info.run_id for n in range(1, 8)]
+    assert [t.value for t in taken] == [points[n].data.metrics["best_val_accuracy"] for n in range(1, 8)]
+    assert all(len(t.intermediate_values) == 2 for t in taken)
+    best = {t.number: t for t in trials}[result.best_trial]
+    assert best.value == result.best_value == max(t.value for t in trials if t.state == TrialState.COMPLETE)
+    assert result.test_accuracy == mlflow.get_run(best.user_attrs["mlflow_run_id"]).data.metrics["test_accuracy"]
+    assert f"took over grid points 1, 2, 3, 4, 5, 6, 7 from grid run {grid_run}" in capsys.readouterr().out
