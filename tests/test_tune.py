@@ -274,7 +274,7 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
     [version] = client.search_model_versions("name = 'tuneshapes-resnet50'")
     assert version.run_id == runs.loc[str(best.number), "run_id"]
     out = capfd.readouterr().out  # trials print from processes of their own
-    assert "trial   0 COMPLETE value=" in out and " (pruned after epoch 1) params: units=16, " in out
+    assert "trial   0 COMPLETE value=" in out and " (pruned after epoch 1) params: pooling=flatten, units=16, " in out
 
 
 @pytest.mark.slow
