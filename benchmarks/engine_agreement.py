@@ -1,7 +1,7 @@
 """Do the engines agree? The grid with engine=openvino and engine=tensorflow, same data and seed;
 and the best point's logged whole model against its head on cached features.
 
-    PIPELINE_DATA_DIR=../shared/data python benchmarks/engine_agreement.py [--max-per-class 100] [--image-size 128]
+    PIPELINE_DATA_DIR=../shared/data python benchmarks/engine_agreement.py [--max-per-class 250] [--image-size 128]
 
 Both grids run in this process on the same blood_cells subset (official TEST split), each with
 a fresh tracking store and an empty feature cache, at the precision `auto` picks. Then the
@@ -32,7 +32,8 @@ def predicted(run_id: str) -> pd.Series:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-per-class", type=int, default=100)
+    parser.add_argument("--max-per-class", type=int, default=250,
+                        help="250: 200 validation images, so one image is 0.5 points (the target is 1)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
