@@ -169,11 +169,17 @@ def log_input(dataset, context: str) -> None:
 
 
 def _classic_view(experiment_id: str) -> None:
-    """Tag the experiment for MLflow's classic machine-learning view, once."""
+    """Tag the experiment for MLflow's classic machine-learning view, once. Commands starting
+    together on a new experiment may all find the tag missing: the store's unique key on (key,
+    experiment) then refuses the later inserts, and the tag is there, as they wanted."""
     client = mlflow.MlflowClient()
     if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
         for key, value in EXPERIMENT_KIND.items():
-            client.set_experiment_tag(experiment_id, key, value)
+            try:
+                client.set_experiment_tag(experiment_id, key, value)
+            except MlflowException as e:
+                if "unique" not in str(e).lower():
+                    raise
 
 
 def log_config(cfg, artifact: str = "config.json") -> None:

@@ -257,3 +257,17 @@ def test_training_over_two_devices_mirrors_the_model_and_scores_every_val_image(
         probs = pyfunc.predict(pd.DataFrame({"image": [encode_file(p) for p in val["path"]]}))
         loss = -np.mean(np.log([probs[f"p_{CLASSES[y]}"][i] for i, y in enumerate(val["label_index"])]))
         assert loss == pytest.approx(run.data.metrics["best_val_loss"], rel=1e-3 if name == "head" else 1e-4), name
+
+
+def test_the_image_of_compose_and_kubernetes_workers_installs_tensorflow():
+    """The Dockerfile installs the package with a TensorFlow extra (the pipeline imports it), and
+    compose's and the Kubernetes Job's workers run that image with the README's tune command."""
+    import re
+    import tomllib
+
+    extras = re.search(r'pip install [^\n]*"\.\[([^\]]*)\]"', (ROOT / "Dockerfile").read_text()).group(1).split(",")
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("tensorflow") for extra in extras for dep in optional[extra])
+    assert "psycopg" in " ".join(dep for extra in extras for dep in optional[extra])
+    for recipe, key in ((ROOT / "compose.yaml", "command"), (ROOT / "deploy" / "tune-job.yaml", "args")):
+        assert f'{key}: ["tune", ' in recipe.read_text(), recipe  # the image's entry point is python -m pipeline
