@@ -131,3 +131,24 @@ def test_a_stopped_command_leaves_no_running_run_of_a_dead_process(tmp_path, com
         owner = f"{socket.gethostname()}:{process.pid}" if command != "tune" else f"{socket.gethostname()}:"
         assert reaped[f"tags.{liveness.REASON}"].str.startswith(f"its process {owner}").all()
         assert reaped[f"tags.{liveness.REASON}"].str.contains(" is gone").all()
+
+
+@pytest.mark.parametrize("error, raised", [
+    ("(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint \"experiment_tag_pk\"", False),
+    ("(sqlite3.OperationalError) attempt to write a readonly database", True)])
+def test_a_classic_view_tag_set_at_the_same_moment_by_another_command_is_not_an_error(monkeypatch, error, raised):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import _classic_view
+
+    experiment = mlflow.create_experiment(f"classic-view-race-{raised}")
+
+    def another_command_was_first(self, experiment_id, key, value):
+        raise MlflowException(f"BAD_REQUEST: {error}")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_experiment_tag", another_command_was_first)
+    if raised:
+        with pytest.raises(MlflowException, match="readonly"):
+            _classic_view(experiment)
+    else:
+        _classic_view(experiment)
