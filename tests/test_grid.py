@@ -62,7 +62,7 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
     assert result.best_run_id == best["run_id"]
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions("name = 'shapes-resnet50'")
-    assert version.tags["source_run_id"] == best["run_id"]
+    assert version.run_id == best["run_id"]
     assert client.get_model_version_by_alias("shapes-resnet50", "champion").version == version.version
     assert result.registered_model_uri == f"models:/shapes-resnet50/{version.version}"
     # Only the best point logged a whole model; the others keep what rebuilds theirs.
