@@ -5,6 +5,7 @@ import errno
 import os
 from dataclasses import replace
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -76,8 +77,6 @@ def test_a_truncated_or_overwritten_cache_file_is_rebuilt(rows, tmp_path, damage
 def test_concurrent_extractions_of_one_entry_leave_it_whole(rows, tmp_path, monkeypatch):
     """Two tune workers extract one entry at once (here the second runs whole while the first is
     half-way): both get the features, and one valid entry remains, without temporary files."""
-    import keras
-
     real_add, started, nested = keras.utils.Progbar.add, [], []
 
     def add_while_another_extracts(self, *args, **kwargs):
