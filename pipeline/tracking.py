@@ -169,11 +169,16 @@ def log_input(dataset, context: str) -> None:
 
 
 def _classic_view(experiment_id: str) -> None:
-    """Tag the experiment for MLflow's classic machine-learning view, once."""
+    """Tag the experiment for MLflow's classic machine-learning view, once. Another command tagging
+    it at that moment (a unique key violation on PostgreSQL) is not an error: its tag is the one."""
     client = mlflow.MlflowClient()
     if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
         for key, value in EXPERIMENT_KIND.items():
-            client.set_experiment_tag(experiment_id, key, value)
+            try:
+                client.set_experiment_tag(experiment_id, key, value)
+            except MlflowException:
+                if key not in client.get_experiment(experiment_id).tags:
+                    raise
 
 
 def log_config(cfg, artifact: str = "config.json") -> None:

@@ -122,10 +122,12 @@ def test_defaults_are_valid_and_the_studies_setting():
 def test_fine_tune_and_weights_accept_their_forms(tmp_path):
     weights = tmp_path / "w.h5"
     weights.write_bytes(b"")
-    for fine_tune in ("none", "all", "10"):
-        assert MainConfig(fine_tune=fine_tune).fine_tune == fine_tune
-    for w in ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion"):
-        assert MainConfig(weights=w).weights == w
+    forms = {"fine_tune": ("none", "all", "10"),
+             "weights": ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion")}
+    for name, values in forms.items():
+        for value in values:
+            assert CHECKS[name][0](value), (name, value)
+            MainConfig(**{name: value})  # a refused value raises PipelineError
 
 
 def test_readme_documents_every_parameter_and_entry_point():

@@ -103,6 +103,16 @@ def tracking_server(postgres, tmp_path_factory):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture
+def on_server(tracking_server):
+    """This process on the tracking server for one test, then on the session's store again:
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later commands and servers inherit."""
+    session_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_server)
+    yield tracking_server
+    mlflow.set_tracking_uri(session_store)
+
+
 def command(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, cwd=log.parent,
@@ -118,15 +128,14 @@ def finish(processes: list[subprocess.Popen], logs: list[Path], seconds: float =
 
 
 @pytest.mark.slow
-def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking_server):
+def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, on_server):
     storage, n_trials = postgres("optuna_three"), 7
     root = make_dataset(tmp_path / "teamshapes", n=8)
-    env = {"MLFLOW_TRACKING_URI": tracking_server}
+    env = {"MLFLOW_TRACKING_URI": on_server}
     args = tiny_args("tune", dataset=root, storage=storage, study_name="team", n_trials=n_trials, heartbeat_interval=2,
                      grace_period=8, pruner="none", epochs=1)
     logs = [tmp_path / f"tune-{i}.log" for i in range(3)]
     processes = [command(args, env, log) for log in logs]  # within one second, on a fresh database
-    mlflow.set_tracking_uri(tracking_server)
     try:
         victim = processes[2]
         running = f"tags.optuna_worker = '{socket.gethostname()}:{victim.pid}' and attributes.status = 'RUNNING'"
@@ -156,25 +165,20 @@ def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking
         for process in processes:
             if process.poll() is None:
                 process.kill()
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.mark.slow
-def test_two_grid_commands_at_once_train_seven_points_and_register_once(tmp_path, tracking_server):
+def test_two_grid_commands_at_once_train_seven_points_and_register_once(tmp_path, on_server):
     root = make_dataset(tmp_path / "gridtwins", n=8)
     args = tiny_args("grid", dataset=root, epochs=1)
     logs = [tmp_path / f"grid-{i}.log" for i in range(2)]
-    finish([command(args, {"MLFLOW_TRACKING_URI": tracking_server}, log) for log in logs], logs)
-    mlflow.set_tracking_uri(tracking_server)
-    try:
-        runs = mlflow.search_runs(experiment_names=["gridtwins"])
-        points = runs[runs["tags.step"] == "train"]
-        assert len(points) == 7 and sorted(points["tags.grid_point"].astype(int)) == list(range(1, 8))
-        assert (runs["status"] == "FINISHED").all()
-        assert len(mlflow.MlflowClient().search_model_versions("name = 'gridtwins-resnet50'")) == 1
-        assert sum("waiting for grid run" in log.read_text() for log in logs) == 1
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    finish([command(args, {"MLFLOW_TRACKING_URI": on_server}, log) for log in logs], logs)
+    runs = mlflow.search_runs(experiment_names=["gridtwins"])
+    points = runs[runs["tags.step"] == "train"]
+    assert len(points) == 7 and sorted(points["tags.grid_point"].astype(int)) == list(range(1, 8))
+    assert (runs["status"] == "FINISHED").all()
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'gridtwins-resnet50'")) == 1
+    assert sum("waiting for grid run" in log.read_text() for log in logs) == 1
 
 
 def test_data_prepared_under_one_root_trains_from_another(tmp_path, monkeypatch):
