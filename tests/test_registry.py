@@ -134,7 +134,7 @@ def test_models_list_and_show_print_versions_aliases_runs_and_metrics(trained):
                 "config", "backbone"):
         assert any(line.startswith(f"  {key}: ") for line in details), key
     listed = CliRunner().invoke(cli_module.cli, ["models", "list"])
-    assert listed.exit_code == 0 and re.search(rf"^{NAME}\s+1\s+{CHAMPION}\s", listed.output, re.M), listed.output
+    assert listed.exit_code == 0 and re.search(rf"^\s*{NAME}\s+1\s+{CHAMPION}\s", listed.output, re.M), listed.output
     assert "class_names" not in listed.output  # the overview stays one line per version
     missing = CliRunner().invoke(cli_module.cli, ["models", "show", "no-such-model"])
     assert missing.exit_code == 1 and missing.output.startswith("Error: no registered model 'no-such-model'")
