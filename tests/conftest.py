@@ -8,9 +8,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cli import STEPS
+from pipeline.config import MainConfig, parameters
+from pipeline.workflow import main
+
 CLASSES = ("cat", "dog", "owl")
 # One colour per class, so that even a tiny model has something to learn.
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "owl": (40, 40, 200)}
+# The one tiny setting of every test that trains: a random backbone at ResNet50's smallest input,
+# 2 epochs, a quarter of the images each for validation and test.
+TINY = {"weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 5, "learning_rate": 1e-3,
+        "val_fraction": 0.25, "test_fraction": 0.25}
+
+
+def tiny_values(cls, **values) -> dict:
+    """The tiny setting's values of the parameters cls takes, plus values."""
+    names = {f.name for f in parameters(cls)}  # a grid's or a study's points set their own learning rates
+    return {**{k: v for k, v in TINY.items() if k in names}, **values}
+
+
+def tiny(cls, **values):
+    """A config of class cls on the tiny setting (the parameters cls takes), plus values."""
+    return cls(**tiny_values(cls, **values))
+
+
+def tiny_args(step: str, **values) -> list[str]:
+    """The command line of a step on the tiny setting (the options it takes), plus values."""
+    settings = tiny_values(STEPS[step][0], **values)
+    return [step] + [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def write_images(folder: Path, label: str, n: int, size: int = 24, fmt: str = "png", seed: int = 0) -> list[Path]:
@@ -65,10 +90,14 @@ def trained(tmp_path_factory):
     """One tiny main run (prepare, train, evaluate, register) shared by the registry, predict, serve
     and report tests: dataset folder 'regshapes', so experiment 'regshapes' and registered model
     'regshapes-resnet50', which no other test registers to."""
-    from pipeline.config import MainConfig
-    from pipeline.workflow import main
-
-    root = make_dataset(tmp_path_factory.mktemp("registry") / "regshapes", n=8)
-    cfg = MainConfig(dataset=str(root), val_fraction=0.25, test_fraction=0.25, weights="none", image_size=32,
-                     epochs=2, batch_size=8, patience=5, learning_rate=1e-3)
+    cfg = tiny(MainConfig, dataset=str(make_dataset(tmp_path_factory.mktemp("registry") / "regshapes", n=8)))
     return cfg, main(cfg)
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, and those of the
+    PostgreSQL server, each go to one worker, which makes it once; the others spread."""
+    for item in items:
+        for shared in ("trained", "postgres"):
+            if shared in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(shared))

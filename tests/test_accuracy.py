@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_images
+from conftest import tiny, write_images
 from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
@@ -18,7 +18,6 @@ from pipeline.model import build_model
 from pipeline.prepare import prepare
 from pipeline.train import _restored, class_weights, train, uses_feature_cache
 
-TINY = dict(weights="none", image_size=32, epochs=2, batch_size=8, patience=5, learning_rate=1e-3, precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_finetune_epochs_needs_layers_to_unfreeze():
     with pytest.raises(PipelineError, match="invalid finetune_epochs=3 with fine_tune='none'") as e:
         TrainConfig(data="runs:/x/data", finetune_epochs=3)
     assert "\n" not in str(e.value)
-    assert TrainConfig(data="runs:/x/data", fine_tune="2", finetune_epochs=3).finetune_epochs == 3
+    TrainConfig(data="runs:/x/data", fine_tune="2", finetune_epochs=3)  # with layers to unfreeze: no PipelineError
 
 
 def test_feature_cache_only_where_features_cannot_change():
@@ -129,9 +128,9 @@ def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lops
         return real_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", spy)
-    cfg = TrainConfig(data=lopsided.data_uri, experiment="accuracy-two-phase", **{**TINY, "epochs": 1, "weights": path},
-                      fine_tune="20", finetune_epochs=2, finetune_learning_rate=1e-3,
-                      augment="cells", class_weight="balanced")
+    cfg = tiny(TrainConfig, data=lopsided.data_uri, experiment="accuracy-two-phase", precision="float32", epochs=1,
+               weights=path, fine_tune="20", finetune_epochs=2, finetune_learning_rate=1e-3, augment="cells",
+               class_weight="balanced")
     snapshots = _BackboneSnapshots()
     result = train(cfg, callbacks=[snapshots])
 
@@ -156,8 +155,8 @@ def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lops
 @pytest.mark.slow
 def test_one_seed_gives_identical_metrics(lopsided):
     # fine_tune=5 trains a convolution and a BatchNorm layer from scratch, at a third of all's time.
-    cfg = TrainConfig(data=lopsided.data_uri, experiment="accuracy-seed", **TINY, fine_tune="5", augment="cells",
-                      class_weight="balanced")
+    cfg = tiny(TrainConfig, data=lopsided.data_uri, experiment="accuracy-seed", precision="float32", fine_tune="5",
+               augment="cells", class_weight="balanced")
     runs = [train(cfg).run_id, train(cfg).run_id, train(replace(cfg, seed=7)).run_id]
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     first, again, other = ({key: metric_history(run, key) for key in keys} for run in runs)

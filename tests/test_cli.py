@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 from pipeline import cli as cli_module
-from pipeline.config import CHECKS, MainConfig, PipelineError, PredictConfig, TrainConfig, TuneConfig, parameters
+from pipeline import mlproject
+from pipeline.config import (CHECKS, EvaluateConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig,
+                             ServeConfig, TrainConfig, TuneConfig, parameters)
+from pipeline.quiet import noise
 
 ROOT = Path(__file__).resolve().parent.parent
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
@@ -38,8 +41,6 @@ def test_every_mlproject_parameter_reaches_command_cli_and_config(step):
 
 
 def test_mlproject_and_readme_table_are_generated_from_the_configs():
-    from pipeline import mlproject
-
     assert (ROOT / "MLproject").read_text() == mlproject.render(), "run python -m pipeline.mlproject"
     readme = (ROOT / "README.md").read_text()
     assert mlproject.with_table(readme) == readme, "run python -m pipeline.mlproject"
@@ -102,18 +103,11 @@ def test_every_check_has_a_bad_value():
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
 def test_config_rejects_bad_value_in_one_line(name):
-    cls = TrainConfig if name == "data" else TuneConfig if name in TUNE_ONLY else MainConfig
-    kwargs = {"data": "runs:/x/data"} if cls is TrainConfig else {}
-    if name == "model":
-        from pipeline.config import EvaluateConfig as cls
-        kwargs = {"data": "runs:/x/data"}
-    if name in ("input", "output"):
-        cls, kwargs = PredictConfig, {"model": "models:/x@champion", "input": "images"}
-    if name == "run":
-        from pipeline.config import LogModelConfig as cls
-    if name == "port":
-        from pipeline.config import ServeConfig as cls
-        kwargs = {"model": "models:/x@champion"}
+    cls, kwargs = {"data": (TrainConfig, {}), "model": (EvaluateConfig, {"data": "runs:/x/data"}),
+                   "input": (PredictConfig, {"model": "models:/x@champion", "input": "images"}),
+                   "output": (PredictConfig, {"model": "models:/x@champion", "input": "images"}),
+                   "run": (LogModelConfig, {}), "port": (ServeConfig, {"model": "models:/x@champion"}),
+                   }.get(name, (TuneConfig if name in TUNE_ONLY else MainConfig, {}))
     with pytest.raises(PipelineError, match=f"invalid {name}=") as e:
         cls(**{**kwargs, name: BAD_VALUES[name]})
     assert "\n" not in str(e.value)
@@ -128,10 +122,12 @@ def test_defaults_are_valid_and_the_studies_setting():
 def test_fine_tune_and_weights_accept_their_forms(tmp_path):
     weights = tmp_path / "w.h5"
     weights.write_bytes(b"")
-    for fine_tune in ("none", "all", "10"):
-        assert MainConfig(fine_tune=fine_tune).fine_tune == fine_tune
-    for w in ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion"):
-        assert MainConfig(weights=w).weights == w
+    forms = {"fine_tune": ("none", "all", "10"),
+             "weights": ("imagenet", "none", str(weights), "runs:/abc/model", "models:/blood_cells-resnet50@champion")}
+    for name, values in forms.items():
+        for value in values:
+            assert CHECKS[name][0](value), (name, value)
+            MainConfig(**{name: value})  # a refused value raises PipelineError
 
 
 def test_readme_documents_every_parameter_and_entry_point():
@@ -165,8 +161,6 @@ def test_offline_imagenet_stops_before_any_work(monkeypatch, tmp_path):
 
 
 def test_quiet_drops_noise_and_keeps_errors():
-    from pipeline.quiet import noise
-
     for line in (b"I0000 00:00:1796218159.487533    6430 port.cc:153] oneDNN custom operations are on.",
                  b"W0000 00:00:1796218159.4 12 cuda_dnn.cc:8] something",
                  b"E0000 00:00:1796218116.840528 5131 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512.",

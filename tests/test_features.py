@@ -5,6 +5,7 @@ import errno
 import os
 from dataclasses import replace
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,7 +38,8 @@ def test_cached_features_of_each_engine_predict_as_the_live_model(rows, tmp_path
     assert found.rel_error < engine.MAX_REL_ERROR[backbone.precision]
     cached = model.get_layer("head").predict(FeatureBatches(found.array, rows["label_index"].to_numpy(), 5), verbose=0)
     np.testing.assert_allclose(cached, live, atol=2e-3 if backbone.precision == "float32" else 3e-2)
-    assert (cached.argmax(1) == live.argmax(1)).mean() >= 0.99 or backbone.precision != "float32"
+    if backbone.precision == "float32":
+        assert (cached.argmax(1) == live.argmax(1)).mean() >= 0.99
     again = split_features(backbone, rows, str(tmp_path))
     assert again.hit and again.array is found.array  # one mapping per process, however many runs read it
     assert found.backbone_digest == features.weights_digest(model.get_layer("resnet50"))
@@ -76,8 +78,6 @@ def test_a_truncated_or_overwritten_cache_file_is_rebuilt(rows, tmp_path, damage
 def test_concurrent_extractions_of_one_entry_leave_it_whole(rows, tmp_path, monkeypatch):
     """Two tune workers extract one entry at once (here the second runs whole while the first is
     half-way): both get the features, and one valid entry remains, without temporary files."""
-    import keras
-
     real_add, started, nested = keras.utils.Progbar.add, [], []
 
     def add_while_another_extracts(self, *args, **kwargs):

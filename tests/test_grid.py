@@ -3,10 +3,13 @@
 import mlflow
 import pandas as pd
 import pytest
-from conftest import make_dataset
+from conftest import make_dataset, tiny
 
-from pipeline.config import GridConfig
-from pipeline.grid import GRID, point_configs
+import pipeline.train
+from pipeline.config import EvaluateConfig, GridConfig, LogModelConfig
+from pipeline.evaluate import evaluate
+from pipeline.grid import GRID, grid, point_configs
+from pipeline.train import log_trained_model_of
 
 
 def test_grid_is_the_studies_table():
@@ -24,12 +27,8 @@ def test_points_differ_only_in_the_grid_parameters():
 
 @pytest.mark.slow
 def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys, monkeypatch):
-    import pipeline.train
-    from pipeline.grid import grid
-
-    root = make_dataset(tmp_path / "shapes", n=8)
-    cfg = GridConfig(dataset=str(root), experiment="grid-e2e", weights="none", image_size=32, epochs=2, batch_size=8,
-                     val_fraction=0.25, test_fraction=0.25)
+    # A dataset name of its own: its registered model, gridshapes-resnet50, gets only this grid's version.
+    cfg = tiny(GridConfig, dataset=str(make_dataset(tmp_path / "gridshapes", n=8)), experiment="grid-e2e")
     real_train, calls = pipeline.train.train, []
 
     def train_then_break(point, *args, **kwargs):
@@ -61,10 +60,10 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
     best = in_order.loc[in_order["metrics.best_val_accuracy"].idxmax()]  # ties: the first point
     assert result.best_run_id == best["run_id"]
     client = mlflow.MlflowClient()
-    [version] = client.search_model_versions("name = 'shapes-resnet50'")
+    [version] = client.search_model_versions("name = 'gridshapes-resnet50'")
     assert version.run_id == best["run_id"]
-    assert client.get_model_version_by_alias("shapes-resnet50", "champion").version == version.version
-    assert result.registered_model_uri == f"models:/shapes-resnet50/{version.version}"
+    assert client.get_model_version_by_alias("gridshapes-resnet50", "champion").version == version.version
+    assert result.registered_model_uri == f"models:/gridshapes-resnet50/{version.version}"
     # Only the best point logged a whole model; the others keep what rebuilds theirs.
     assert children.loc[children["run_id"] != best["run_id"], "tags.model_uri"].isna().all()
     assert result.best_model_uri == mlflow.get_run(best["run_id"]).data.tags["model_uri"]
@@ -74,14 +73,8 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
 def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(tmp_path):
     """A point's whole model, built on demand, scores the test split as the point's head did on
     cached features: same classes on at least 99% of images (here all), and the same val_loss."""
-    from pipeline.config import EvaluateConfig, LogModelConfig
-    from pipeline.evaluate import evaluate
-    from pipeline.grid import grid
-    from pipeline.train import log_trained_model_of
-
-    root = make_dataset(tmp_path / "rebuildshapes", n=8)
-    cfg = GridConfig(dataset=str(root), experiment="grid-rebuild", weights="none", image_size=32, epochs=2,
-                     batch_size=8, val_fraction=0.25, test_fraction=0.25, registered_model="grid-rebuild")
+    cfg = tiny(GridConfig, dataset=str(make_dataset(tmp_path / "rebuildshapes", n=8)), experiment="grid-rebuild",
+               registered_model="grid-rebuild")
     result = grid(cfg)
     points = mlflow.search_runs(experiment_names=["grid-rebuild"], filter_string="tags.grid_point != ''",
                                 output_format="list")

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import make_dataset, write_images
+from conftest import make_dataset, tiny, tiny_args, write_images
 from mlflow.utils.validation import _validate_metric_name
 
 from pipeline import datasets, prepared
@@ -21,7 +21,8 @@ from pipeline.card import read_card
 from pipeline.config import MainConfig, PipelineError, PrepareConfig, TuneConfig, check_memory, memory_needed
 from pipeline.keys import class_keys
 from pipeline.prepare import prepare
-from pipeline.storage import write_error
+from pipeline.storage import ensure_space, write_error
+from pipeline.workflow import main
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 2**30
@@ -198,14 +199,11 @@ def test_undecodable_file_names_are_listed_not_fatal(tmp_path):
 
 @pytest.mark.slow
 def test_main_on_odd_class_names_keeps_them_in_model_metrics_and_predictions(tmp_path):
-    from pipeline.workflow import main
-
     names = ["it's (1)", "größer?", "star*"]
     root = tmp_path / "oddmain"
     for name, colour in zip(names, ("cat", "dog", "owl")):
         write_images(root / name, colour, 8, seed=len(name))
-    result = main(MainConfig(dataset=str(root), val_fraction=0.25, test_fraction=0.25, weights="none",
-                             image_size=32, epochs=1, batch_size=8))
+    result = main(tiny(MainConfig, dataset=str(root), epochs=1))
     card, _ = read_card(result.model_uri)
     assert card.class_names == sorted(names)
     evaluate_run = mlflow.get_run(mlflow.get_run(result.run_id).data.tags["evaluate_run_id"])
@@ -401,13 +399,11 @@ def test_cli_train_on_a_changed_image_stops_in_one_line(prepared_folder):
     root, result = prepared_folder
     victim = Path(prepared.load(result.data_uri).split("val")["path"].iloc[0])
     victim.write_bytes(victim.read_bytes() + b"appended")
-    out = run_cli("train", "--data", result.data_uri, "--weights", "none", "--image-size", "32", "--epochs", "1")
+    out = run_cli(*tiny_args("train", data=result.data_uri, epochs=1))
     assert_one_error_line(out, "the val split changed or missing", victim.name, "run prepare again")
 
 
 def test_a_write_known_not_to_fit_is_refused_before_it_starts(tmp_path):
-    from pipeline.storage import ensure_space
-
     with pytest.raises(PipelineError, match=f"no space for the prepared data in {tmp_path}: .* needed, .* free"):
         ensure_space(tmp_path / "not-yet" / "artifacts", 2**60, "the prepared data")
     ensure_space(tmp_path / "not-yet", 1, "the prepared data")

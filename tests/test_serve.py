@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from conftest import CLASSES, write_images
 
+from pipeline.data import load_images
 from pipeline.server import unreadable
 from pipeline.serving import MAX_ROWS, RequestError, decode, encode_file, prediction_table
 
@@ -40,7 +41,7 @@ def wait_for_ping(url: str, server: subprocess.Popen, log, timeout: float = 120)
                 if r.status == 200:
                     return
         except OSError:
-            time.sleep(1)
+            time.sleep(0.2)
     pytest.fail(f"no answer on {url}/ping in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
@@ -181,8 +182,6 @@ def test_unreadable_says_why_without_quoting_and_passes_what_mlflow_reads():
 
 
 def test_decode_reads_images_as_training_does_and_says_why_not(tmp_path):
-    from pipeline.data import load_images
-
     [png] = write_images(tmp_path, "dog", 1, size=40)
     image, error = decode(encode_file(png), 32)
     assert error is None and np.array_equal(image, load_images([png], 32)[0])

@@ -20,16 +20,15 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import CLASSES, make_dataset
+from conftest import CLASSES, make_dataset, tiny_args, tiny_values
 from optuna.trial import TrialState
 
 from pipeline import prepared
-from pipeline.config import PipelineError, PrepareConfig
+from pipeline.config import PipelineError, PrepareConfig, TrainConfig
+from pipeline.prepare import prepare
 from pipeline.serving import encode_file
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
-        "--test-fraction", "0.25"]
 
 
 def free_port() -> int:
@@ -104,6 +103,16 @@ def tracking_server(postgres, tmp_path_factory):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture
+def on_server(tracking_server):
+    """This process on the tracking server for one test, then on the session's store again:
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later commands and servers inherit."""
+    session_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_server)
+    yield tracking_server
+    mlflow.set_tracking_uri(session_store)
+
+
 def command(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, cwd=log.parent,
@@ -119,15 +128,14 @@ def finish(processes: list[subprocess.Popen], logs: list[Path], seconds: float =
 
 
 @pytest.mark.slow
-def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking_server):
+def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, on_server):
     storage, n_trials = postgres("optuna_three"), 7
     root = make_dataset(tmp_path / "teamshapes", n=8)
-    env = {"MLFLOW_TRACKING_URI": tracking_server}
-    args = ["tune", "--dataset", str(root), "--storage", storage, "--study-name", "team", "--n-trials", str(n_trials),
-            "--heartbeat-interval", "2", "--grace-period", "8", "--pruner", "none", *TINY]
+    env = {"MLFLOW_TRACKING_URI": on_server}
+    args = tiny_args("tune", dataset=root, storage=storage, study_name="team", n_trials=n_trials, heartbeat_interval=2,
+                     grace_period=8, pruner="none", epochs=1)
     logs = [tmp_path / f"tune-{i}.log" for i in range(3)]
     processes = [command(args, env, log) for log in logs]  # within one second, on a fresh database
-    mlflow.set_tracking_uri(tracking_server)
     try:
         victim = processes[2]
         running = f"tags.optuna_worker = '{socket.gethostname()}:{victim.pid}' and attributes.status = 'RUNNING'"
@@ -157,30 +165,23 @@ def test_three_tune_commands_on_postgres_one_killed(tmp_path, postgres, tracking
         for process in processes:
             if process.poll() is None:
                 process.kill()
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.mark.slow
-def test_two_grid_commands_at_once_train_seven_points_and_register_once(tmp_path, tracking_server):
+def test_two_grid_commands_at_once_train_seven_points_and_register_once(tmp_path, on_server):
     root = make_dataset(tmp_path / "gridtwins", n=8)
-    args = ["grid", "--dataset", str(root), *TINY]
+    args = tiny_args("grid", dataset=root, epochs=1)
     logs = [tmp_path / f"grid-{i}.log" for i in range(2)]
-    finish([command(args, {"MLFLOW_TRACKING_URI": tracking_server}, log) for log in logs], logs)
-    mlflow.set_tracking_uri(tracking_server)
-    try:
-        runs = mlflow.search_runs(experiment_names=["gridtwins"])
-        points = runs[runs["tags.step"] == "train"]
-        assert len(points) == 7 and sorted(points["tags.grid_point"].astype(int)) == list(range(1, 8))
-        assert (runs["status"] == "FINISHED").all()
-        assert len(mlflow.MlflowClient().search_model_versions("name = 'gridtwins-resnet50'")) == 1
-        assert sum("waiting for grid run" in log.read_text() for log in logs) == 1
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    finish([command(args, {"MLFLOW_TRACKING_URI": on_server}, log) for log in logs], logs)
+    runs = mlflow.search_runs(experiment_names=["gridtwins"])
+    points = runs[runs["tags.step"] == "train"]
+    assert len(points) == 7 and sorted(points["tags.grid_point"].astype(int)) == list(range(1, 8))
+    assert (runs["status"] == "FINISHED").all()
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'gridtwins-resnet50'")) == 1
+    assert sum("waiting for grid run" in log.read_text() for log in logs) == 1
 
 
 def test_data_prepared_under_one_root_trains_from_another(tmp_path, monkeypatch):
-    from pipeline.prepare import prepare
-
     root_a = tmp_path / "machine-a"
     make_dataset(root_a / "movingshapes", n=4)
     result = prepare(PrepareConfig(dataset=str(root_a / "movingshapes"), val_fraction=0.25, test_fraction=0.25))
@@ -213,8 +214,7 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
 from pipeline.config import PipelineError, TrainConfig
 from pipeline.evaluate import evaluate_trained
 from pipeline.train import train
-tiny = dict(data=sys.argv[1], experiment="two-devices", weights="none", image_size=32, epochs=2, batch_size=4,
-            patience=5, learning_rate=1e-3, precision="float32")
+tiny = json.loads(sys.argv[1])
 runs = {}
 for name, extra in {"images": dict(feature_cache="off", fine_tune="3"),
                     "two_phase": dict(fine_tune="3", finetune_epochs=1), "head": {}}.items():
@@ -230,15 +230,14 @@ print("RESULT " + json.dumps(runs))
 
 @pytest.mark.slow
 def test_training_over_two_devices_mirrors_the_model_and_scores_every_val_image(tmp_path):
-    from pipeline.prepare import prepare
-
     data = prepare(PrepareConfig(dataset=str(make_dataset(tmp_path / "mirrorshapes", n=9)), val_fraction=0.35,
                                  test_fraction=0.25))
     val = prepared.load(data.data_uri).split("val")
     # 13 train images in batches of 4 leave one that no two devices can share: dropped (another each
     # epoch); the 7 val images go in batches of 4 and 3 (split 2 and 1), so every one is scored.
     assert (len(prepared.load(data.data_uri).split("train")), len(val)) == (13, 7)
-    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, data.data_uri], capture_output=True, text=True,
+    tiny = tiny_values(TrainConfig, data=data.data_uri, experiment="two-devices", batch_size=4, precision="float32")
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, json.dumps(tiny)], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     runs = json.loads(done.stdout.split("RESULT ")[-1])

@@ -5,6 +5,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
@@ -14,31 +15,29 @@ from PIL import Image
 
 from pipeline import model as model_module
 from pipeline.card import load_model
-from pipeline.config import EvaluateConfig, MainConfig, ModelParams, PipelineError, PrepareConfig, TrainConfig
+from pipeline.config import EvaluateConfig, ModelParams, PipelineError, PrepareConfig, TrainConfig
 from pipeline.data import load_images
 from pipeline.evaluate import compute_metrics, evaluate
+from pipeline.plots import learning_curves
 from pipeline.prepare import prepare
 from pipeline.serving import encode_file
-from pipeline.workflow import main
 
 pytestmark = pytest.mark.slow
-TINY = dict(weights="none", image_size=32, epochs=2, batch_size=8, patience=5, learning_rate=1e-3)
 
 
 def runs_of(experiment: str) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=[experiment])
 
 
-@pytest.fixture(scope="module")
-def main_result(tmp_path_factory):
-    root = make_dataset(tmp_path_factory.mktemp("main") / "shapes", n=8)
-    cfg = MainConfig(dataset=str(root), experiment="main-e2e", val_fraction=0.25, test_fraction=0.25, **TINY)
-    return cfg, main(cfg)
+def runs_of_main(result) -> pd.DataFrame:
+    """The shared main run and its prepare, train and evaluate runs (other tests add runs beside them)."""
+    runs = mlflow.search_runs([mlflow.get_run(result.run_id).info.experiment_id])
+    return runs[(runs["run_id"] == result.run_id) | (runs["tags.mlflow.parentRunId"] == result.run_id)]
 
 
-def test_main_nests_prepare_train_and_evaluate_under_one_run(main_result):
-    _, result = main_result
-    runs = runs_of("main-e2e")
+def test_main_nests_prepare_train_and_evaluate_under_one_run(trained):
+    _, result = trained
+    runs = runs_of_main(result)
     assert (runs["status"] == "FINISHED").all() and len(runs) == 4
     children = runs[runs["tags.mlflow.parentRunId"] == result.run_id]
     assert sorted(children["tags.step"]) == ["evaluate", "prepare", "train"]
@@ -46,9 +45,9 @@ def test_main_nests_prepare_train_and_evaluate_under_one_run(main_result):
     assert parent["tags.model_uri"] == result.model_uri and 0 <= parent["metrics.test_accuracy"] <= 1
 
 
-def test_train_logs_params_epochs_time_curves_and_model(main_result):
-    cfg, result = main_result
-    runs = runs_of("main-e2e")
+def test_train_logs_params_epochs_time_curves_and_model(trained):
+    cfg, result = trained
+    runs = runs_of_main(result)
     train_run = mlflow.get_run(runs[runs["tags.step"] == "train"]["run_id"].iloc[0])
     expected = {f.name for f in fields(TrainConfig)} - {"data"}  # a URI: a tag, not a param to compare on
     assert set(train_run.data.params) == expected and train_run.data.tags["data_uri"].startswith("runs:/")
@@ -67,10 +66,6 @@ def test_train_logs_params_epochs_time_curves_and_model(main_result):
 
 
 def test_learning_curves_count_epochs_from_1_and_mark_phase_2_at_its_first_epoch():
-    import matplotlib.pyplot as plt
-
-    from pipeline.plots import learning_curves
-
     history = {key: [0.9, 0.6, 0.5] for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
     fig = learning_curves(history, phase_2=3)
     for ax in fig.axes:
@@ -79,8 +74,8 @@ def test_learning_curves_count_epochs_from_1_and_mark_phase_2_at_its_first_epoch
     plt.close(fig)
 
 
-def test_logged_model_classifies_raw_images_and_describes_itself(main_result, tmp_path):
-    _, result = main_result
+def test_logged_model_classifies_raw_images_and_describes_itself(trained, tmp_path):
+    _, result = trained
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
     meta = pyfunc.metadata.metadata["card"]
     assert meta["class_names"] == list(CLASSES) and meta["image_size"] == 32
@@ -91,9 +86,9 @@ def test_logged_model_classifies_raw_images_and_describes_itself(main_result, tm
     assert pyfunc.metadata.get_input_schema().input_names() == ["image"]
 
 
-def test_evaluate_logs_metrics_confusion_matrix_and_predictions(main_result):
-    _, result = main_result
-    runs = runs_of("main-e2e")
+def test_evaluate_logs_metrics_confusion_matrix_and_predictions(trained):
+    _, result = trained
+    runs = runs_of_main(result)
     run = mlflow.get_run(runs[runs["tags.step"] == "evaluate"]["run_id"].iloc[0])
     for key in ("test_loss", "test_accuracy", "test_macro_f1", "test_roc_auc", "test_recall/owl"):
         assert key in run.data.metrics, key
@@ -169,8 +164,8 @@ def test_imagenet_offline_names_the_alternatives(monkeypatch):
         model_module.load_backbone("imagenet", 32, seed=0)
 
 
-def test_weights_from_an_earlier_model_uri(main_result):
-    _, result = main_result
+def test_weights_from_an_earlier_model_uri(trained):
+    _, result = trained
     backbone = model_module.load_backbone(result.model_uri, 32, seed=0)
     earlier = load_model(result.model_uri)[0].get_layer("resnet50")
     for a, b in zip(backbone.get_weights(), earlier.get_weights()):

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,26 +14,22 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-from conftest import make_dataset
+from conftest import make_dataset, tiny, tiny_args
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
-from pipeline.grid import _key, point_configs
+from pipeline.grid import _key, grid, point_configs
 from pipeline.liveness import is_dead, owner_key
-from pipeline.study import fail_dead_trials, grid_params, open_storage, open_study, queue_grid, suggest
+from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
+                            suggest)
+from pipeline.tune import grid_trials, start_study, tune
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8, "patience": 5, "val_fraction": 0.25,
-        "test_fraction": 0.25}
 
 
 def tiny_config(root: Path, storage: Path, **overrides) -> TuneConfig:
-    return TuneConfig(dataset=str(root), storage=str(storage), **{**TINY, **overrides})
-
-
-def cli_args(cfg: TuneConfig) -> list[str]:
-    names = ("dataset", "storage", "n_trials", "pruner", *TINY)
-    return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
+    return tiny(TuneConfig, dataset=str(root), storage=str(storage), **overrides)
 
 
 def trials_of(cfg: TuneConfig, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -85,8 +81,6 @@ def test_grid_points_are_queued_once_and_again_after_a_failure(tmp_path):
 
 
 def test_only_points_of_a_grid_on_the_same_data_and_settings_are_taken_over_once(tmp_path, capsys):
-    from pipeline.tune import grid_trials, start_study
-
     cfg = tiny_config(tmp_path, tmp_path / "optuna.db", dropout=0.8)  # above 0.7: in the space all the same
     same = fake_grid(cfg, "digest-a", "takeover", points=(2, 5, 6))
     others = [fake_grid(cfg, "digest-b", "takeover", points=(1, 3)),  # other data
@@ -128,7 +122,7 @@ import mlflow
 from pipeline.config import TuneConfig
 from pipeline.study import open_study
 from pipeline.tune import start_study
-cfg = TuneConfig(dataset={str(tmp_path)!r}, storage={cfg.storage!r}, **{TINY!r})
+cfg = TuneConfig(**{asdict(cfg)!r})
 study = open_study(cfg, "twice")
 with mlflow.start_run(experiment_id={experiment!r}) as parent:
     start_study(study, cfg, SimpleNamespace(data_uri="runs:/x/data", digest="digest-c"), parent)
@@ -145,8 +139,6 @@ with mlflow.start_run(experiment_id={experiment!r}) as parent:
 
 
 def test_the_study_names_its_metric_and_links_to_its_mlflow_experiment_and_parent_runs(tmp_path, monkeypatch):
-    from pipeline.study import link_to_mlflow
-
     study = open_study(tiny_config(tmp_path, tmp_path / "optuna.db"), "linked")
     assert study.metric_names == ["val_accuracy"]
     experiment, parents = mlflow.set_experiment("linked"), []
@@ -180,8 +172,6 @@ def test_after_the_grid_points_tpe_searches_beyond_them(tmp_path):
 
 
 def test_search_space_and_fine_tune_only_with_pretrained_weights():
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     study = optuna.create_study(direction="maximize")
     base = TrainConfig(data="runs:/x/data", weights="none", batch_size=24)
     random_backbone, pretrained = study.ask(), study.ask()
@@ -235,8 +225,6 @@ def test_bad_parameter_is_one_line(args, message):
 
 @pytest.mark.slow
 def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_path, capfd):
-    from pipeline.tune import tune
-
     cfg = tiny_config(make_dataset(tmp_path / "tuneshapes", n=8), tmp_path / "optuna.db", n_trials=4)
     result = tune(cfg, pruner=PruneOdd())
 
@@ -279,13 +267,12 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
 
 @pytest.mark.slow
 def test_tune_resumes_after_kill_9(tmp_path, capsys):
-    from pipeline.tune import tune
-
     cfg = tiny_config(make_dataset(tmp_path / "killshapes", n=8), tmp_path / "optuna.db", n_trials=2, pruner="none")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's pipeline, whatever is installed
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *cli_args(cfg)], stdout=log, stderr=log,
-                                 env=env)
+        first = subprocess.Popen([sys.executable, "-m", "pipeline", *tiny_args(
+            "tune", dataset=cfg.dataset, storage=cfg.storage, n_trials=cfg.n_trials, pruner=cfg.pruner)],
+            stdout=log, stderr=log, env=env)
     second_trial = "tags.optuna_trial = '1' and attributes.status = 'RUNNING'"
     deadline = time.time() + 180
     while first.poll() is None and time.time() < deadline:
@@ -320,8 +307,6 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_workers_share_one_journal_study(tmp_path):
-    from pipeline.tune import tune
-
     cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=3,
                       pruner="none", workers=2)
     result = tune(cfg)
@@ -334,8 +319,6 @@ def test_two_workers_share_one_journal_study(tmp_path):
 
 
 def test_a_flatten_head_is_searched_up_to_128_units_an_avg_head_to_512():
-    from optuna.distributions import IntDistribution
-
     study = optuna.create_study(direction="maximize")
     base = TrainConfig(data="runs:/x/data", weights="none")
     for pooling, high in (("flatten", 128), ("avg", 512)):
@@ -347,9 +330,6 @@ def test_a_flatten_head_is_searched_up_to_128_units_an_avg_head_to_512():
 
 @pytest.mark.slow
 def test_tune_after_a_grid_on_the_same_settings_trains_only_the_new_trials(tmp_path, capsys):
-    from pipeline.grid import grid
-    from pipeline.tune import tune
-
     cfg = tiny_config(make_dataset(tmp_path / "adoptshapes", n=8), tmp_path / "optuna.db", n_trials=9)
     grid_run = grid(cfg.to(GridConfig)).run_id
     points = {int(run.data.tags["grid_point"]): run for run in mlflow.search_runs(
