@@ -163,9 +163,15 @@ def log_input(dataset, context: str) -> None:
         try:
             return mlflow.log_input(dataset, context=context)
         except MlflowException as e:
-            if attempt == 3 or "unique" not in str(e).lower():
+            if attempt == 3 or not _another_was_first(e):
                 raise
             time.sleep(random.uniform(0.2, 1.0))
+
+
+def _another_was_first(error: MlflowException) -> bool:
+    """Whether the store refused an insert for its unique key: another command inserted the same
+    row at that moment (UniqueViolation on PostgreSQL, UNIQUE constraint on sqlite)."""
+    return "unique" in str(error).lower()
 
 
 def _classic_view(experiment_id: str) -> None:
@@ -178,7 +184,7 @@ def _classic_view(experiment_id: str) -> None:
             try:
                 client.set_experiment_tag(experiment_id, key, value)
             except MlflowException as e:
-                if "unique" not in str(e).lower():
+                if not _another_was_first(e):
                     raise
 
 

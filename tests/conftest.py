@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def tiny_args(step: str, **values) -> list[str]:
     """The command line of a step on the tiny setting (the options it takes), plus values."""
     settings = tiny_values(STEPS[step][0], **values)
     return [step] + [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_images(folder: Path, label: str, n: int, size: int = 24, fmt: str = "png", seed: int = 0) -> list[Path]:

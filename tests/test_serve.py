@@ -4,7 +4,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, write_images
+from conftest import CLASSES, free_port, write_images
 
 from pipeline.data import load_images
 from pipeline.server import unreadable
@@ -23,12 +22,6 @@ from pipeline.serving import MAX_ROWS, RequestError, decode, encode_file, predic
 
 CHAMPION_URI = "models:/regshapes-resnet50@champion"
 MARKER = "QUOTED-BACK-7f3a"  # in every bad request below: an answer that contains it repeats the request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_ping(url: str, server: subprocess.Popen, log, timeout: float = 120) -> None:

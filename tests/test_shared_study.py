@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import CLASSES, make_dataset, tiny_args, tiny_values
+from conftest import CLASSES, free_port, make_dataset, tiny_args, tiny_values
 from optuna.trial import TrialState
 
 from pipeline import prepared
@@ -29,12 +29,6 @@ from pipeline.prepare import prepare
 from pipeline.serving import encode_file
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(ready, seconds: float, what: str) -> None:
