@@ -101,7 +101,8 @@ class _OpenVINO(Runner):
         self.compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
                                                                    "INFERENCE_PRECISION_HINT": hint})
         self.output_shape = tuple(model.outputs[0].shape[1:])
-        self.requests = max(2, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        # two requests per stream: when a stream finishes one, the next is already queued for it
+        self.requests = 2 * max(1, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
     def run(self, batches, out: np.ndarray) -> np.ndarray:
         """Chunks of OPENVINO_BATCH images go round the compiled model's infer requests, so the

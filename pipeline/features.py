@@ -6,7 +6,8 @@ the engine of pipeline.engine (OpenVINO on CPUs), checked against TensorFlow flo
 images, and stored in float16 as a .npy file that is memory-mapped, never loaded whole.
 
 An entry's key is the content of the rows (their files' sha1 in order), what the backbone's
-weights are (pipeline.model.backbone_identity), the image size, the engine and the precision: a
+weights are (pipeline.model.backbone_identity), the image size, the engine, the precision and how
+images are decoded (pipeline.data.DECODING): a
 changed input never meets a stale entry. meta.json, written last, records the file's size, an
 Adler-32 checksum of its bytes and the digest of the backbone's weight values; an entry whose
 file is truncated, damaged or overwritten is rebuilt (with a note). The file is allocated whole
@@ -32,7 +33,7 @@ import pandas as pd
 
 from pipeline import engine as engines
 from pipeline.config import ModelParams, PipelineError
-from pipeline.data import make_dataset
+from pipeline.data import DECODING, make_dataset
 from pipeline.model import backbone_identity, feature_model, resolve_precision
 
 CHECK_IMAGES = 2  # images per extraction checked against TensorFlow float32 (200,704 values at 224 px; each image
@@ -95,7 +96,7 @@ def weights_digest(model: keras.Model) -> str:
 def cache_key(rows: pd.DataFrame, backbone: Backbone) -> str:
     h = hashlib.sha256("\n".join(rows["sha1"]).encode())
     h.update(f"{backbone.identity}|{backbone.image_size}|{backbone.engine}|{backbone.precision}|"
-             f"keras {keras.__version__}|{engine_version(backbone.engine)}".encode())
+             f"keras {keras.__version__}|{engine_version(backbone.engine)}|{DECODING}".encode())
     return h.hexdigest()[:24]
 
 

@@ -9,11 +9,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from conftest import make_dataset
 
 from pipeline import datasets, engine, features
 from pipeline.config import ModelParams, PipelineError
-from pipeline.data import load_images
+from pipeline.data import _decode_jpeg, load_images
 from pipeline.features import Backbone, FeatureBatches, split_features
 from pipeline.model import build_model
 
@@ -45,7 +46,7 @@ def test_cached_features_of_each_engine_predict_as_the_live_model(rows, tmp_path
     assert found.backbone_digest == features.weights_digest(model.get_layer("resnet50"))
 
 
-def test_changed_rows_weights_size_engine_or_precision_never_reuse_an_entry(rows, tmp_path):
+def test_changed_rows_weights_size_engine_precision_or_decoding_never_reuse_an_entry(rows, tmp_path, monkeypatch):
     split_features(TF, rows, str(tmp_path))
     assert not split_features(TF, rows.iloc[:-1], str(tmp_path)).hit
     changed = rows.copy()
@@ -54,7 +55,25 @@ def test_changed_rows_weights_size_engine_or_precision_never_reuse_an_entry(rows
     for other in (replace(TF, seed=1), replace(TF, image_size=40), replace(TF, precision="mixed_bfloat16"),
                   replace(TF, engine="openvino")):
         assert not split_features(other, rows, str(tmp_path)).hit, other
-    assert len(list(tmp_path.iterdir())) == 7
+    monkeypatch.setattr(features, "DECODING", "another way to decode")
+    assert not split_features(TF, rows, str(tmp_path)).hit
+    assert len(list(tmp_path.iterdir())) == 8
+
+
+@pytest.mark.parametrize("width, height, shorter", [(1200, 900, 113), (300, 260, 65), (100, 40, 40)])
+def test_decoding_resizes_like_a_whole_antialiased_decode(tmp_path, width, height, shorter):
+    """A large JPEG is decoded at the smallest DCT scale (1/8 to 1) that keeps its shorter side at
+    least the image size, a small one whole; either way the image comes within a few levels of
+    decoding it whole and resizing it antialiased (the smooth image has no detail to alias)."""
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    keras.utils.save_img(path, smooth, quality=95)
+    assert min(_decode_jpeg(tf.io.read_file(str(path)), 64).shape[:2]) == shorter
+    image = load_images([str(path)], 64)[0]
+    whole = tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(str(path)), channels=3), [64, 64], antialias=True)
+    assert image.shape == (64, 64, 3)
+    assert np.abs(image - whole.numpy()).mean() < 2.0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
