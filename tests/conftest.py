@@ -1,7 +1,10 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -44,6 +47,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_group(process: subprocess.Popen, seconds: float = 20) -> None:
+    """End a server started with start_new_session=True and every process of its group: SIGTERM,
+    then SIGKILL after seconds. A group already gone (the server exited by itself) is no error."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
 
 
 def write_images(folder: Path, label: str, n: int, size: int = 24, fmt: str = "png", seed: int = 0) -> list[Path]:
