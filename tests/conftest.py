@@ -128,10 +128,31 @@ def trained(tmp_path_factory):
     return cfg, main(cfg)
 
 
-def pytest_collection_modifyitems(items):
+DURATIONS = "pipeline/durations"  # pytest's cache (.pytest_cache): seconds per test in the last run
+
+
+def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, and those of the
-    PostgreSQL server, each go to one worker, which makes it once; the others spread."""
+    PostgreSQL server, each go to one worker, which makes it once; the others spread, longest
+    module first (the last run's durations, else the count of slow tests), in the order xdist
+    hands them out: the short ones fill in at the end, so the two workers finish together.
+    A module's tests stay together and in order (its module-scoped fixtures are made once)."""
     for item in items:
         for shared in ("trained", "postgres"):
             if shared in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(shared))
+    last, weight = config.cache.get(DURATIONS, {}), {}
+    for item in items:
+        guess = 60 if item.get_closest_marker("slow") else 1
+        weight[item.module] = weight.get(item.module, 0) + last.get(item.nodeid, guess)
+    items.sort(key=lambda item: -weight[item.module])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Keep each test's seconds (setup, call and teardown) for the next run's order."""
+    seconds = {}
+    for report in (r for reports in terminalreporter.stats.values() for r in reports):
+        if getattr(report, "when", None) and getattr(report, "nodeid", None):
+            seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
+    if seconds and not hasattr(config, "workerinput"):
+        config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **seconds})
