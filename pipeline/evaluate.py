@@ -17,7 +17,7 @@ from pipeline.engine import compile_classifier, resolve_engine
 from pipeline.features import Backbone, split_features
 from pipeline.keys import class_keys
 from pipeline.model import resolve_precision
-from pipeline.plots import confusion_matrix
+from pipeline.plots import confusion_matrix, log_figure
 from pipeline.tracking import log_input, step_run
 
 # Copied onto the model's training run so that runs compare on test figures in the MLflow UI.
@@ -148,4 +148,4 @@ def _log_tables(cm: pd.DataFrame, test: pd.DataFrame, probs: np.ndarray, class_n
         cm.to_csv(Path(tmp) / "confusion_matrix.csv")
         predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
         mlflow.log_artifacts(tmp)
-    mlflow.log_figure(confusion_matrix(cm), "plots/confusion_matrix.png")
+    log_figure(confusion_matrix(cm), "plots/confusion_matrix.png")

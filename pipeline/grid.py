@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, GridConfig, PrepareConfig, TrainConfig
-from pipeline.plots import grid_chart
+from pipeline.plots import grid_chart, log_figure
 from pipeline.registry import register
 from pipeline.tracking import claim, step_run
 
@@ -158,5 +158,5 @@ def _log_table(runs: pd.DataFrame) -> pd.DataFrame:
         runs.to_csv(Path(tmp) / "grid_runs.csv", index=False)
         mlflow.log_artifacts(tmp)
     chosen = int(runs["best_val_accuracy"].to_numpy().argmax())  # the first best, as grid() picks it
-    mlflow.log_figure(grid_chart(table, chosen), "plots/grid.png")
+    log_figure(grid_chart(table, chosen), "plots/grid.png")
     return table

@@ -1,13 +1,23 @@
-"""Figures logged with the runs: learning curves and the confusion matrix."""
+"""Figures logged with the runs: learning curves, the confusion matrix, the grid chart."""
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def log_figure(fig: plt.Figure, artifact_file: str) -> None:
+    """Log fig into the active run as artifact_file, then close it: pyplot keeps every open figure
+    (a grid's seven points, a tune's trials) until closed, and warns past 20."""
+    try:
+        mlflow.log_figure(fig, artifact_file)
+    finally:
+        plt.close(fig)
 
 
 def learning_curves(history: dict, title: str = "", phase_2: int | None = None) -> plt.Figure:

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import threading
-import warnings
 
 # absl's C++ log format: severity, date, time, thread, file:line]
 CPP_LOG = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^ ]+:\d+\] ")
@@ -21,13 +20,12 @@ NOISE = (rb"All log messages before absl::InitializeLog()", rb"use_unbounded_thr
 
 
 def quiet() -> None:
-    """Silence TensorFlow, absl, matplotlib and MLflow chatter; call before TensorFlow is imported."""
+    """Silence TensorFlow, absl and MLflow chatter; call before TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating a new experiment", DB migrations
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "... triggered tf.function retracing"
     logging.getLogger("absl").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="More than 20 figures")
     _filter_stderr()
 
 

@@ -17,7 +17,7 @@ from pipeline.data import load_images, make_dataset
 from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
 from pipeline.model import (backbone_identity, build_head, build_model, builder_of, compile_for_training,
                             resolve_precision, set_fine_tune, synchronize_batchnorm)
-from pipeline.plots import learning_curves
+from pipeline.plots import learning_curves, log_figure
 from pipeline.reproducibility import make_deterministic, run_tags
 from pipeline.tracking import log_input, step_run
 
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True, run_id: str | 
         trained = fit(cfg, data, callbacks, log=True)
         summary = {"best_val_accuracy": trained.best("val_accuracy"), "best_val_loss": trained.best("val_loss")}
         mlflow.log_metrics({**summary, "best_epoch": trained.best_epoch, "learning_time_s": trained.seconds})
-        mlflow.log_figure(learning_curves(trained.history, data.name, trained.phase_2), "plots/learning_curves.png")
+        log_figure(learning_curves(trained.history, data.name, trained.phase_2), "plots/learning_curves.png")
         model_uri = log_trained(trained) if log_model else ""
     return TrainResult(run.info.run_id, model_uri, learning_time_s=trained.seconds, trained=trained, **summary)
 

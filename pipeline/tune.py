@@ -18,7 +18,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import mlflow
 import optuna
 from optuna.trial import TrialState
@@ -26,6 +25,7 @@ from optuna.trial import TrialState
 from pipeline import datasets
 from pipeline.config import EvaluateConfig, LogModelConfig, PipelineError, PrepareConfig, TrainConfig, TuneConfig
 from pipeline.grid import finished_point
+from pipeline.plots import log_figure
 from pipeline.registry import register
 from pipeline.liveness import Stopped, stop_on_signals
 from pipeline.study import (Job, counted, default_study_name, die_with_parent, fail_dead_trials, grid_params,
@@ -241,8 +241,7 @@ def _log_figure(study: optuna.Study, figure: str) -> None:
         print(f"no {figure} figure: {e}")
         return
     fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-    mlflow.log_figure(fig, f"plots/{figure.removeprefix('plot_')}.png")
-    plt.close(fig)
+    log_figure(fig, f"plots/{figure.removeprefix('plot_')}.png")
 
 
 def _evaluate_once(best: optuna.trial.FrozenTrial, cfg: TuneConfig, data_uri: str, model_uri: str) -> float:

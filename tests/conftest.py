@@ -1,7 +1,10 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -46,6 +49,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(process: subprocess.Popen, seconds: float = 20) -> None:
+    """End a server started with start_new_session=True and every process of its group: SIGTERM,
+    then SIGKILL after seconds. A group already gone (the server exited by itself) is no error."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
 def write_images(folder: Path, label: str, n: int, size: int = 24, fmt: str = "png", seed: int = 0) -> list[Path]:
     """n small RGB images of one class: its colour plus noise."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +105,15 @@ def tracking_store(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sixteen_gb():
+    """Configurations are judged against a machine with 16 GB free, not against what other
+    processes leave free at that moment (a 224 px config was refused with 1.9 GB available)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pipeline.config.available_memory", lambda: 16 * 2**30)
+        yield
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_dataset(tmp_path / "shapes")
@@ -102,10 +128,31 @@ def trained(tmp_path_factory):
     return cfg, main(cfg)
 
 
-def pytest_collection_modifyitems(items):
+DURATIONS = "pipeline/durations"  # pytest's cache (.pytest_cache): seconds per test in the last run
+
+
+def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, and those of the
-    PostgreSQL server, each go to one worker, which makes it once; the others spread."""
+    PostgreSQL server, each go to one worker, which makes it once; the others spread, longest
+    module first (the last run's durations, else the count of slow tests), in the order xdist
+    hands them out: the short ones fill in at the end, so the two workers finish together.
+    A module's tests stay together and in order (its module-scoped fixtures are made once)."""
     for item in items:
         for shared in ("trained", "postgres"):
             if shared in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(shared))
+    last, weight = config.cache.get(DURATIONS, {}), {}
+    for item in items:
+        guess = 60 if item.get_closest_marker("slow") else 1
+        weight[item.module] = weight.get(item.module, 0) + last.get(item.nodeid, guess)
+    items.sort(key=lambda item: -weight[item.module])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Keep each test's seconds (setup, call and teardown) for the next run's order."""
+    seconds = {}
+    for report in (r for reports in terminalreporter.stats.values() for r in reports):
+        if getattr(report, "when", None) and getattr(report, "nodeid", None):
+            seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
+    if seconds and not hasattr(config, "workerinput"):
+        config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **seconds})

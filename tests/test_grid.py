@@ -1,5 +1,6 @@
 """The studies' grid: its definition, one parent with seven children, and resuming."""
 
+import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 import pytest
@@ -43,7 +44,9 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
     [interrupted] = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.step = 'grid'")["run_id"]
 
     monkeypatch.setattr(pipeline.train, "train", real_train)
+    figures = set(plt.get_fignums())
     result = grid(cfg)
+    assert set(plt.get_fignums()) == figures  # each point's curves and matrix, and the chart, closed once logged
     out = capsys.readouterr().out
     assert result.run_id == interrupted and out.count("reusing finished run") == 3 and "Model 7" in out
     runs = mlflow.search_runs(experiment_names=["grid-e2e"])

@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, free_port, write_images
+from conftest import CLASSES, free_port, stop_group, write_images
 
 from pipeline.data import load_images
 from pipeline.server import unreadable
@@ -49,12 +48,7 @@ def serving(command: list[str], port: int, folder, log) -> Iterator[str]:
         wait_for_ping(url, process, log)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 @pytest.fixture(scope="module")

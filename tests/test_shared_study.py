@@ -6,7 +6,6 @@ moves between machines (data roots), and training over several devices of one ma
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import CLASSES, free_port, make_dataset, tiny_args, tiny_values
+from conftest import CLASSES, free_port, make_dataset, stop_group, tiny_args, tiny_values
 from optuna.trial import TrialState
 
 from pipeline import prepared
@@ -79,7 +78,8 @@ def tracking_server(postgres, tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres("mlflow"),
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"], stdout=open(folder / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+         "--workers", "2"], stdout=open(folder / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: seven idle processes
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -92,8 +92,7 @@ def tracking_server(postgres, tmp_path_factory):
         wait_until(up, 120, f"mlflow server ({(folder / 'log')})")
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_group(server)
         shutil.rmtree(folder, ignore_errors=True)
 
 
