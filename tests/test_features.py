@@ -182,3 +182,23 @@ def test_feature_batches_shuffle_per_epoch_and_keep_pairs():
     x, y = batches[0]
     assert x.dtype == np.float16 and np.array_equal(x[:, 0], y)  # the head casts
     assert pd.Series(np.concatenate([FeatureBatches(values, labels, 3)[i][1] for i in range(4)])).is_monotonic_increasing
+
+
+def test_a_head_trains_the_same_one_step_or_several_steps_per_call():
+    """head_steps_per_execution may pick either: they must be the same updates in the same order."""
+    from pipeline.config import TrainConfig
+    from pipeline.model import build_head, compile_for_training
+    from pipeline.train import head_steps_per_execution
+
+    assert head_steps_per_execution(7, 5, 1) == 1 and head_steps_per_execution(250, 10, 2) == 1
+    assert head_steps_per_execution(250, 10, 1) > 1
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(70, 2, 2, 8)).astype(np.float16), rng.integers(0, 3, 70)
+    weights = []
+    for steps in (1, 4):
+        head = build_head(x.shape[1:], TrainConfig(data="unused", seed=3), 3)
+        compile_for_training(head, 1e-2, steps)
+        head.fit(FeatureBatches(x, y, 16, seed=3), epochs=3, verbose=0, shuffle=False)
+        weights.append(head.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+    assert not np.array_equal(weights[0][0], build_head(x.shape[1:], TrainConfig(data="unused", seed=3), 3).get_weights()[0])
