@@ -58,15 +58,12 @@ def config_options(cls):
 
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
-    with one_line_errors():
+    with on_the_store():
         cfg = cls(**options)  # before function(target), whose module may import TensorFlow
         if getattr(cfg, "weights", None) == "imagenet":
             check_imagenet_weights()
         check_store()
         quiet_store_errors()
-        import mlflow
-
-        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
         from pipeline.liveness import stop_on_signals
         stop_on_signals()  # SIGTERM and SIGINT end the open runs KILLED, resumable
         return function(target)(cfg)
@@ -153,6 +150,18 @@ def one_line_errors():
         raise click.ClickException(message) from None
 
 
+@contextmanager
+def on_the_store():
+    """What a command that reads or writes the tracking store runs in: the line `tracking store:
+    <uri>` first, before its input is checked, so that even a command refused at once says which
+    store it meant (another working folder is another store); then one_line_errors."""
+    with one_line_errors():
+        import mlflow  # about 2 s: after click's own usage errors, which stay instant
+
+        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
+        yield
+
+
 @click.group(cls=Pipeline, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", is_flag=True, envvar="PIPELINE_VERBOSE",
               help="Show TensorFlow's, absl's, matplotlib's and MLflow's log lines and progress bars.")
@@ -179,12 +188,9 @@ for _name, (_cls, _target, _help) in STEPS.items():
 @config_options(ServeConfig)
 def serve_model(**options):
     """Serve a model over HTTP as `mlflow models serve` does, never quoting a request in an error."""
-    with one_line_errors():
+    with on_the_store():
         cfg = ServeConfig(**options)
         check_store()
-        import mlflow
-
-        click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
         function("pipeline.server:serve")(cfg)
 
 
@@ -196,7 +202,7 @@ def models():
 @models.command("list")
 def list_models():
     """Every version of every registered model."""
-    with one_line_errors():
+    with on_the_store():
         table = function("pipeline.registry:versions")()
     click.echo(table.to_string(index=False) if len(table) else "no registered models yet: run main first")
 
@@ -205,7 +211,7 @@ def list_models():
 @click.argument("name")
 def show_model(name):
     """Registered model NAME: its versions, then each version's metrics, champion decision and model card."""
-    with one_line_errors():
+    with on_the_store():
         table, details = function("pipeline.registry:describe")(name)
     click.echo(table.to_string(index=False))
     for version in details:

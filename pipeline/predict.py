@@ -9,12 +9,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from pipeline import datasets
 from pipeline.config import PipelineError, PredictConfig
+from pipeline.keys import class_keys
+from pipeline.tracking import entry_point_run
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,19 @@ def predict(cfg: PredictConfig) -> PredictResult:
     The CSV has path, predicted, confidence (the top probability), p_<class> per class and
     error: files that do not decode as an image have only path and error (why), in the same
     listing, never silently dropped. The file appears whole or not at all.
+
+    Under `mlflow run -e predict` MLflow's run gets the CSV as an artifact and the counts as
+    metrics: n_predicted, n_skipped, predicted/<class> (files per predicted class).
     """
+    with entry_point_run("predict", cfg) as run:
+        result, predicted, class_names = _classify(cfg)
+        if run:
+            _log_to_run(Path(cfg.output), predicted, class_names, result.skipped)
+    return result
+
+
+def _classify(cfg: PredictConfig) -> tuple[PredictResult, pd.Series, list[str]]:
+    """(predict's result, the classified files' predicted classes, the model's class names)."""
     files = datasets.files_at(cfg.input)  # a missing input fails before TensorFlow starts
     usable, skipped = datasets.check_images(files)
     if usable.empty:
@@ -44,7 +59,15 @@ def predict(cfg: PredictConfig) -> PredictResult:
     _write_atomically(table, Path(cfg.output))
     print(f"wrote {len(usable)} prediction(s) to {cfg.output}"
           + (f"; skipped {len(skipped)} unreadable file(s), listed there with an error" if len(skipped) else ""))
-    return PredictResult(cfg.output, len(usable), len(skipped))
+    return PredictResult(cfg.output, len(usable), len(skipped)), table["predicted"].iloc[:len(usable)], card.class_names
+
+
+def _log_to_run(output: Path, predicted: pd.Series, class_names: list[str], skipped: int) -> None:
+    """The CSV and its counts (predicted: the classified files' classes), on the active run."""
+    counts, keys = predicted.value_counts(), class_keys(class_names)
+    mlflow.log_metrics({"n_predicted": len(predicted), "n_skipped": skipped,
+                        **{f"predicted/{keys[c]}": int(counts.get(c, 0)) for c in class_names}})
+    mlflow.log_artifact(str(output))
 
 
 def file_probabilities(model, card, paths: list[str], engine: str, batch_size: int, progress: bool = False

@@ -1,10 +1,12 @@
 """The model registry: register a logged model with where it came from, and keep the `champion` alias.
 
 One registered model per dataset (`<dataset>-resnet50` unless named). Besides MLflow's own
-`source` (the model URI) and `run_id` (the train run), each version carries a few tags: what it
-learnt from (dataset, data_digest, param.<name> for the key parameters of TABLE_PARAMS; the whole
-config is in the model card), its metrics (best_val_accuracy, test_accuracy, ...) and why it is
-or is not champion, so a version describes itself even after its runs are deleted.
+`source` (the model URI) and `run_id` (the train run), each version carries a few tags (TAGS):
+the data it learnt from (data_digest), the two scores the champion rule and a reader need
+(best_val_accuracy, test_accuracy) and why it is or is not champion (champion_decision, which
+names the version it was compared with and both figures; compared_version for queries). The
+parameters, class names and whole config are in the model card (pipeline.card, in the version's
+metadata), the other metrics in the source run.
 
 The champion rule (models:/<name>@champion is what predict and serve use):
 - no champion yet: the new version becomes champion;
@@ -16,16 +18,11 @@ The champion rule (models:/<name>@champion is what predict and serve use):
   validation images that the champion neither trained on nor was tested on (by content sha1,
   from both prepared-data manifests); never a test image of either. The new version takes the
   alias only if its accuracy there is strictly higher, on at least MIN_SHARED_ROWS rows. Fewer
-  rows, other class names, or unreadable prepared data or images: the alias stays.
-The decision is written on the version as the tag `champion_decision`, and the comparison as
-`compared_version` and `compared_data_digest` (the champion it was compared with), then on the
-same data `compared_best_val_accuracy` (the champion's, beside the version's best_val_accuracy),
-on other data `shared_val_rows` (how many), `shared_val_sha1` (a digest of their sorted sha1s),
-`shared_val_accuracy` and `compared_shared_val_accuracy` (the champion's on the same rows).
+  rows, other class names, or unreadable prepared data or images: the alias stays; the decision
+  then says how many shared rows there were, both accuracies and both data digests.
 Promote by hand with `MlflowClient().set_registered_model_alias(name, "champion", version)`.
 """
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -39,11 +36,10 @@ from pipeline.config import PipelineError
 
 CHAMPION = "champion"
 SELECT_ON = "best_val_accuracy"  # validation: the test split is for reporting only
-METRICS = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_macro_f1", "test_loss", "learning_time_s")
-TABLE_PARAMS = ("hidden_layers", "units", "learning_rate")
+METRICS = ("best_val_accuracy", "test_accuracy")  # the scores a version carries as tags; the rest stay in its run
+TAGS = ("data_digest", *METRICS, "champion_decision", "compared_version")  # every tag a version can carry
+TABLE_PARAMS = ("hidden_layers", "units", "learning_rate")  # `models list`'s columns, from the model card
 MIN_SHARED_ROWS = 5  # validation rows both models can be scored on, to compare models on other data
-COMPARISON = ("compared_version", "compared_data_digest", "compared_best_val_accuracy", "shared_val_rows",
-              "shared_val_sha1", "shared_val_accuracy", "compared_shared_val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
 
     registered_model: the name; "" means <dataset>-resnet50, the dataset read from the model's
     metadata. metrics: overrides of the metrics read from the run that logged the model
-    (best_val_accuracy, test_accuracy, ...); grid and tune pass nothing and their best run's
+    (best_val_accuracy, test_accuracy: METRICS); grid and tune pass nothing and their best run's
     model URI. if_new: return the version already registered from model_uri, if there is one
     (a grid re-run whose points were all reused registers nothing new). Returns the version and
     whether it is now the champion, and why.
@@ -77,14 +73,14 @@ def register(model_uri: str, registered_model: str = "", metrics: dict[str, floa
     if known:
         return Registration(name, str(known.version), f"models:/{name}/{known.version}",
                             CHAMPION in known.aliases, "already registered")
-    scores = {k: v for k, v in _run_metrics(run_id).items() if k in METRICS} | (metrics or {})
+    scores = {k: v for k, v in (_run_metrics(run_id) | (metrics or {})).items() if k in METRICS}
     tags = _version_tags(card, scores)
     version = mlflow.register_model(model_uri, name, tags=tags).version
     promote, decision, comparison = _champion_decision(client, name, tags, model_uri, card)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     for key, value in {**comparison, "champion_decision": decision}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+        client.set_model_version_tag(name, version, key, value)
     print(f"registered {name} version {version}: {decision}")
     return Registration(name, str(version), f"models:/{name}/{version}", promote, decision)
 
@@ -104,14 +100,28 @@ def _run_metrics(run_id: str | None) -> dict[str, float]:
 
 
 def _version_tags(card: ModelCard, scores: dict) -> dict[str, str]:
-    tags = {"dataset": card.dataset, "data_digest": card.data_digest}
-    tags |= {f"param.{k}": str(card.config.get(k, "")) for k in TABLE_PARAMS}
-    return tags | {k: repr(float(v)) for k, v in scores.items()}
+    return {"data_digest": card.data_digest} | {k: score_text(v) for k, v in scores.items()}
+
+
+def score_text(value: float) -> str:
+    """A score as a tag: 6 significant digits, without float32's noise (0.7, not 0.699999988079071).
+
+    The champion rule compares best_val_accuracy tags of versions trained on the same data
+    (same data_digest), so with the same number n of validation images: accuracies k/n, which
+    differ by at least 1/n. 6 significant digits (rounding by at most 5e-7) keep any two of them
+    apart for n below 1,000,000 images."""
+    return f"{float(value):.6g}"
+
+
+def _score(tag: str | None) -> float:
+    """A score tag read back, NaN if missing. Versions registered before score_text carry
+    repr(float32) tags (0.699999988079071): rounded alike, so that the same score ties."""
+    return float(score_text(float(tag))) if tag else float("nan")
 
 
 def _champion_decision(client, name: str, new: dict[str, str], model_uri: str,
                        card: ModelCard) -> tuple[bool, str, dict]:
-    """(move the alias?, why, the comparison's tags) for a new version against the current champion."""
+    """(move the alias?, why, {"compared_version": the champion's version} or {}) for a new version."""
     if SELECT_ON not in new:
         return False, f"not champion: the version has no {SELECT_ON} to compare", {}
     try:
@@ -119,39 +129,36 @@ def _champion_decision(client, name: str, new: dict[str, str], model_uri: str,
     except MlflowException:
         return True, f"champion: the first version with a {SELECT_ON}", {}
     old = champion.tags
-    compared = {"compared_version": champion.version, "compared_data_digest": old.get("data_digest", "")}
+    compared = {"compared_version": str(champion.version)}
     if old.get("data_digest") != new["data_digest"]:
-        promote, decision, shared = _compare_on_shared_rows(f"models:/{name}/{champion.version}", champion.version,
-                                                            model_uri, card)
-        return promote, decision, compared | shared
-    ours, theirs = float(new[SELECT_ON]), float(old.get(SELECT_ON, "nan"))
-    compared["compared_best_val_accuracy"] = repr(theirs)
+        promote, decision = _compare_on_shared_rows(f"models:/{name}/{champion.version}", champion.version,
+                                                    model_uri, card)
+        return promote, decision, compared
+    ours, theirs = _score(new[SELECT_ON]), _score(old.get(SELECT_ON))
     if ours > theirs or theirs != theirs:  # theirs != theirs: the champion has no score (NaN)
         return True, f"champion: {SELECT_ON} {ours:.4f} beats version {champion.version}'s {theirs:.4f}", compared
     return (False, f"not champion: {SELECT_ON} {ours:.4f} does not beat version {champion.version}'s {theirs:.4f}",
             compared)
 
 
-def _compare_on_shared_rows(champion_uri: str, version: str, model_uri: str, card: ModelCard) -> tuple[bool, str, dict]:
+def _compare_on_shared_rows(champion_uri: str, version: str, model_uri: str, card: ModelCard) -> tuple[bool, str]:
     """Both models' accuracy on the shared validation rows (see the module's docstring)."""
     theirs_card, _ = read_card(champion_uri)
     digests = f"data {card.data_digest} against version {version}'s {theirs_card.data_digest}"
     if list(theirs_card.class_names) != list(card.class_names):
-        return False, f"not champion: version {version} has other classes ({digests}); promote by hand", {}
+        return False, f"not champion: version {version} has other classes ({digests}); promote by hand"
     try:
         rows = shared_validation_rows(card, theirs_card)
     except PipelineError as e:
-        return False, f"not champion: cannot compare with version {version} on shared rows ({e})", {}
+        return False, f"not champion: cannot compare with version {version} on shared rows ({e})"
     if len(rows) < MIN_SHARED_ROWS:
         return False, (f"not champion: only {len(rows)} validation row(s) that version {version} did not train "
-                       f"or test on, fewer than {MIN_SHARED_ROWS} ({digests}); promote by hand"), {}
+                       f"or test on, fewer than {MIN_SHARED_ROWS} ({digests}); promote by hand")
     ours, theirs = accuracy_on(model_uri, rows), accuracy_on(champion_uri, rows)
-    comparison = {"shared_val_rows": len(rows), "shared_val_sha1": _sha1_digest(rows),
-                  "shared_val_accuracy": repr(ours), "compared_shared_val_accuracy": repr(theirs)}
     verdict = "beats" if ours > theirs else "does not beat"
     decision = (f"{'champion' if ours > theirs else 'not champion'}: accuracy {ours:.4f} on {len(rows)} shared "
                 f"validation rows {verdict} version {version}'s {theirs:.4f} ({digests})")
-    return ours > theirs, decision, comparison
+    return ours > theirs, decision
 
 
 def shared_validation_rows(challenger: ModelCard, champion: ModelCard) -> pd.DataFrame:
@@ -176,13 +183,10 @@ def accuracy_on(model_uri: str, rows: pd.DataFrame, batch_size: int = 32) -> flo
     return float(np.mean(np.array(card.class_names)[probs.argmax(axis=1)] == rows["label"].to_numpy()))
 
 
-def _sha1_digest(rows: pd.DataFrame) -> str:
-    return hashlib.sha1("\n".join(sorted(rows["sha1"])).encode()).hexdigest()[:16]
-
-
 def versions(name: str | None = None) -> pd.DataFrame:
     """One row per version of the registered model name (every registered model if None):
-    name, version, aliases, source run, data digest, key parameters and metrics, created."""
+    name, version, aliases, source run, data digest, key parameters (TABLE_PARAMS, from the model
+    card), best_val_accuracy and test_accuracy (from the tags), created."""
     client = mlflow.MlflowClient()
     if name is not None:
         _require_model(client, name)
@@ -190,18 +194,25 @@ def versions(name: str | None = None) -> pd.DataFrame:
     aliases = _aliases(client, {v.name for v in found})
     rows = [{"name": v.name, "version": int(v.version), "aliases": ",".join(aliases.get((v.name, str(v.version)), [])),
              "source_run": v.run_id or "", "data_digest": v.tags.get("data_digest", ""),
-             **{k: v.tags.get(f"param.{k}", "") for k in TABLE_PARAMS},
-             **{k: float(v.tags.get(k, "nan")) for k in ("best_val_accuracy", "test_accuracy")},
+             **_parameters(v.name, v.version), **{k: _score(v.tags.get(k)) for k in METRICS},
              "created": pd.to_datetime(v.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M")}
             for v in found]
-    columns = ["name", "version", "aliases", "source_run", "data_digest", *TABLE_PARAMS, "best_val_accuracy",
-               "test_accuracy", "created"]
+    columns = ["name", "version", "aliases", "source_run", "data_digest", *TABLE_PARAMS, *METRICS, "created"]
     return pd.DataFrame(rows, columns=columns).sort_values(["name", "version"]).reset_index(drop=True)
 
 
+def _parameters(name: str, version) -> dict[str, str]:
+    """TABLE_PARAMS of a version, from its model card; blank for a model this pipeline did not log."""
+    try:
+        config = read_card(f"models:/{name}/{version}")[0].config
+    except PipelineError:
+        return dict.fromkeys(TABLE_PARAMS, "")
+    return {k: str(config.get(k, "")) for k in TABLE_PARAMS}
+
+
 def describe(name: str) -> tuple[pd.DataFrame, list[dict]]:
-    """(versions(name), one dict per version: version, aliases, metrics, champion decision and
-    comparison, and its model card) for `models show`."""
+    """(versions(name), one dict per version: version, aliases, metrics, champion decision, the
+    version it was compared with, and its model card) for `models show`."""
     table = versions(name)
     client = mlflow.MlflowClient()
     details = []
@@ -209,9 +220,9 @@ def describe(name: str) -> tuple[pd.DataFrame, list[dict]]:
         tags = client.get_model_version(name, str(row.version)).tags
         card, _ = read_card(f"models:/{name}/{row.version}")
         details.append({"version": row.version, "aliases": row.aliases,
-                        "metrics": {k: float(tags[k]) for k in METRICS if k in tags},
+                        "metrics": {k: _score(tags[k]) for k in METRICS if k in tags},
                         "champion_decision": tags.get("champion_decision", ""),
-                        **{k: tags[k] for k in COMPARISON if k in tags}, "card": asdict(card)})
+                        **{k: tags[k] for k in ("compared_version",) if k in tags}, "card": asdict(card)})
     return table, details
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipeline import registry
 from pipeline.config import PipelineError, ReportConfig
+from pipeline.tracking import entry_point_run
 
 # The studies' column names, from what train and evaluate log; then validation accuracy, which picks the best.
 COLUMNS = {"params.hidden_layers": "Hidden Layer", "params.units": "Dense Count",
@@ -35,28 +36,48 @@ class ReportResult:
 def report(cfg: ReportConfig) -> ReportResult:
     """Write cfg.output (Markdown) and the same report as HTML beside it, for the experiment
     cfg.experiment (default: the dataset's name). Fails in one line if the experiment or its
-    finished train runs are missing."""
+    finished train runs are missing. Under `mlflow run -e report` MLflow's run gets both files
+    and their figures (plots/...) as artifacts."""
     dataset = Path(cfg.dataset.rstrip("/")).name  # a folder dataset's experiment is its folder's name
+    with entry_point_run("report", cfg, dataset) as run:
+        result, figures = _write(cfg, dataset)
+        if run:
+            _log_to_run(Path(result.output), figures)
+    return result
+
+
+def _write(cfg: ReportConfig, dataset: str) -> tuple[ReportResult, list[str]]:
+    """(the report's result, its figures' paths relative to its folder)."""
     experiment = cfg.experiment or dataset
     runs = _train_runs(experiment)
     name = cfg.registered_model or registry.default_name(dataset)
     versions = _versions(name)
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    blocks, bests = [("h1", f"{experiment}: ResNet50 fine-tuning runs")], []
+    blocks, bests, figures = [("h1", f"{experiment}: ResNet50 fine-tuning runs")], [], []
     for digest, group in runs.groupby("tags.data_digest", sort=False, dropna=False):  # most recent data first
         # On a tie the first trained wins, as in the grid.
         best = (group.sort_values("start_time").sort_values("metrics.best_val_accuracy", ascending=False,
                                                             na_position="last", kind="stable").iloc[0])
         bests.append(best["run_id"])
+        shown = _download_figures(best, output.parent.resolve())
+        figures += shown.values()
         blocks += _data_blocks(group, digest)
         blocks += [("table", _studies_table(group, versions))]
-        blocks += _best_blocks(best, versions, _download_figures(best, output.parent.resolve()))
+        blocks += _best_blocks(best, versions, shown)
     blocks += _champion_blocks(name, versions)
     output.write_text(markdown(blocks))
     output.with_suffix(".html").write_text(page(blocks, f"{experiment}: ResNet50 fine-tuning runs"))
     print(f"wrote {output} and {output.with_suffix('.html')} ({len(runs)} train run(s), best {bests[0]})")
-    return ReportResult(str(output), len(runs), bests[0])
+    return ReportResult(str(output), len(runs), bests[0]), figures
+
+
+def _log_to_run(output: Path, figures: list[str]) -> None:
+    """The report's two files, and its figures where the HTML page finds them, on the active run."""
+    mlflow.log_artifact(str(output))
+    mlflow.log_artifact(str(output.with_suffix(".html")))
+    for figure in figures:  # relative to the report's folder: plots/<run id>/<name>.png
+        mlflow.log_artifact(str(output.parent / figure), str(Path(figure).parent))
 
 
 def _train_runs(experiment: str) -> pd.DataFrame:

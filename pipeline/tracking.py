@@ -24,7 +24,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 @contextmanager
-def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: str | None = None):
+def step_run(step: str, cfg, dataset: str | None, run_id: str | None = None, run_name: str | None = None):
     """Run one step in an MLflow run and yield it; the run ends FAILED if the step raises, KILLED
     if SIGTERM or SIGINT stops it (see `ended`). Before a top-level run starts, the RUNNING runs of
     dead processes are marked FAILED (pipeline.liveness.reap).
@@ -33,7 +33,8 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
     that MLflow made (MLFLOW_RUN_ID) is used. Otherwise a new run starts in the experiment
     cfg.experiment, or one named after the dataset. With run_id the step logs into that existing
     run instead, the active one or resumed (a grid point evaluates into its training run), and
-    its config goes to config_<step>.json.
+    its config goes to config_<step>.json. dataset None: a step of no one dataset (predict,
+    log-model), whose run is tagged with its step only.
     """
     parent = mlflow.active_run()
     if run_id and parent and parent.info.run_id == run_id:
@@ -50,7 +51,7 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
     elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()
         _classic_view(run.info.experiment_id)
-        if run.info.experiment_id == "0" and not cfg.experiment:
+        if run.info.experiment_id == "0" and dataset and not getattr(cfg, "experiment", ""):
             print(f"note: this run is in the Default experiment; `mlflow run --experiment-name {dataset}` "
                   "groups runs per dataset", file=sys.stderr)
     else:
@@ -61,8 +62,21 @@ def step_run(step: str, cfg, dataset: str, run_id: str | None = None, run_name: 
         if resumed:
             log_config(cfg, f"config_{step}.json")
         else:
-            mlflow.set_tags({"step": step, "dataset": dataset})
+            mlflow.set_tags({"step": step} | ({"dataset": dataset} if dataset else {}))
             log_config(cfg)
+        yield run
+
+
+@contextmanager
+def entry_point_run(step: str, cfg, dataset: str | None = None):
+    """The run of a step that starts none of its own (predict, report, log-model), under `mlflow
+    run` only: MLflow made one (MLFLOW_RUN_ID) and the step logs what it did there, through
+    step_run, which ends it FINISHED or FAILED; None otherwise (from the command line, or called
+    by another step inside its run: grid and tune call log-model's function)."""
+    if not os.environ.get("MLFLOW_RUN_ID") or mlflow.active_run():
+        yield None
+        return
+    with step_run(step, cfg, dataset) as run:
         yield run
 
 

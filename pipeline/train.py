@@ -19,7 +19,7 @@ from pipeline.model import (backbone_identity, build_head, build_model, builder_
                             resolve_precision, set_fine_tune, synchronize_batchnorm)
 from pipeline.plots import learning_curves, log_figure
 from pipeline.reproducibility import make_deterministic, run_tags
-from pipeline.tracking import log_input, step_run
+from pipeline.tracking import entry_point_run, log_input, step_run
 
 
 @dataclass
@@ -382,25 +382,36 @@ def log_trained_model_of(cfg: LogModelConfig) -> LogModelResult:
     Trains again from the run's config.json on the same prepared data and seed (deterministic on
     a CPU; a head on cached features takes seconds), checks that the rebuilt model's
     best_val_accuracy is the run's, and logs the whole model with its card as the run's "model".
-    A run that has its model already returns it.
+    A run that has its model already returns it. The model goes to the point's own run (its
+    metrics and curves are there); under `mlflow run -e log-model` MLflow's run says where:
+    tags source_run_id (cfg.run) and model_uri.
     """
-    run = _get_run(cfg.run)
+    with entry_point_run("log-model", cfg) as run:
+        model_uri = _logged_model_of(cfg.run, cfg.cache_dir)
+        if run:
+            mlflow.set_tags({"source_run_id": cfg.run, "model_uri": model_uri})
+    return LogModelResult(cfg.run, model_uri)
+
+
+def _logged_model_of(run_id: str, cache_dir: str) -> str:
+    """The URI of run_id's whole model, logged there now if it had none (log_trained_model_of)."""
+    run = _get_run(run_id)
     if run.data.tags.get("model_uri"):
-        return LogModelResult(cfg.run, run.data.tags["model_uri"])
+        return run.data.tags["model_uri"]
     values = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
     train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-                            | ({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}))
+                            | ({"cache_dir": cache_dir} if cache_dir else {}))
     trained = fit(train_cfg, prepared.load(train_cfg.data))
     for metric in ("best_val_loss", "best_val_accuracy"):
         rebuilt, logged = trained.best(metric.removeprefix("best_")), run.data.metrics.get(metric)
         if logged is not None and abs(rebuilt - logged) > 1e-5 * max(1.0, abs(logged)):
-            raise PipelineError(f"run {cfg.run}'s model did not rebuild exactly ({metric} {rebuilt:.6f}, logged "
+            raise PipelineError(f"run {run_id}'s model did not rebuild exactly ({metric} {rebuilt:.6f}, logged "
                                 f"{logged:.6f}): it needs the same packages, CPU kind and devices (tag num_replicas); "
                                 "train it again with log_models=all")
-    with mlflow.start_run(run_id=cfg.run, nested=mlflow.active_run() is not None):
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         model_uri = log_trained(trained)
-    print(f"logged the model of run {cfg.run}: {model_uri}")
-    return LogModelResult(cfg.run, model_uri)
+    print(f"logged the model of run {run_id}: {model_uri}")
+    return model_uri
 
 
 def _get_run(run_id: str):

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,6 +113,23 @@ def sixteen_gb():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("pipeline.config.available_memory", lambda: 16 * 2**30)
         yield
+
+
+def as_under_mlflow_run(monkeypatch) -> str:
+    """The id of a run as `mlflow run` makes one for an entry point (RUNNING, in the Default
+    experiment), in MLFLOW_RUN_ID as `mlflow run` passes it to the entry point's command, and
+    no experiment active, as in the fresh process it starts (MLflow resumes a run only in the
+    active experiment, which an earlier test may have set)."""
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    return run_id
+
+
+@pytest.fixture
+def mlflow_run_id(monkeypatch) -> str:
+    """as_under_mlflow_run, for the whole test."""
+    return as_under_mlflow_run(monkeypatch)
 
 
 @pytest.fixture

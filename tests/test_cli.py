@@ -8,8 +8,10 @@ import sys
 from dataclasses import MISSING
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from pipeline import cli as cli_module
 from pipeline import mlproject
@@ -176,3 +178,25 @@ def test_a_step_prints_its_tracking_store_first(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "report", "--dataset", "nothing-here"], capture_output=True,
                          text=True, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     assert out.stdout.splitlines()[0] == f"tracking store: sqlite:///{tmp_path}/m.db" and out.returncode == 1
+
+
+@pytest.mark.parametrize("args, error", [
+    (["main", "--dataset", "blood_cells"], "Error: weights=imagenet, but the ImageNet weights cannot be downloaded "
+                                           "here (URLError): use weights=none"),
+    (["train", "--data", "runs:/x/data", "--epochs", "0"], "Error: invalid epochs=0"),
+    (["models", "list"], None),
+    (["models", "show", "no-such-model"], "Error: no registered model 'no-such-model'"),
+    (["serve", "--model", "models:/x@champion", "--port", "70000"], "Error: invalid port=70000"),
+])
+def test_every_command_on_the_store_prints_it_first_even_when_its_input_is_refused(monkeypatch, tmp_path, args, error):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached ImageNet weights
+    result = CliRunner().invoke(cli_module.cli, ["--verbose", *args])
+    assert result.stdout.splitlines()[0] == f"tracking store: {mlflow.get_tracking_uri()}", result.output
+    if error:
+        assert result.exit_code == 1 and result.stderr.startswith(error), result.stderr
+    else:
+        assert result.exit_code == 0, result.output

@@ -4,12 +4,13 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 import pytest
-from conftest import make_dataset, tiny
+from conftest import as_under_mlflow_run, make_dataset, tiny
 
 import pipeline.train
-from pipeline.config import EvaluateConfig, GridConfig, LogModelConfig
+from pipeline.config import EvaluateConfig, GridConfig, LogModelConfig, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.grid import GRID, grid, point_configs
+from pipeline.liveness import REASON
 from pipeline.train import log_trained_model_of
 
 
@@ -73,17 +74,23 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
 
 
 @pytest.mark.slow
-def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(tmp_path):
+def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(tmp_path, monkeypatch):
     """A point's whole model, built on demand, scores the test split as the point's head did on
-    cached features: same classes on at least 99% of images (here all), and the same val_loss."""
+    cached features: same classes on at least 99% of images (here all), and the same val_loss.
+    Under `mlflow run -e log-model` the model still goes to the point's run, and MLflow's run says so."""
     cfg = tiny(GridConfig, dataset=str(make_dataset(tmp_path / "rebuildshapes", n=8)), experiment="grid-rebuild",
                registered_model="grid-rebuild")
     result = grid(cfg)
     points = mlflow.search_runs(experiment_names=["grid-rebuild"], filter_string="tags.grid_point != ''",
                                 output_format="list")
     point = next(run for run in points if run.info.run_id != result.best_run_id)
+    entry = as_under_mlflow_run(monkeypatch)  # mlflow run . -e log-model -P run=<point's id>
     logged = log_trained_model_of(LogModelConfig(run=point.info.run_id))
-    assert logged.model_uri == mlflow.get_run(point.info.run_id).data.tags["model_uri"]
+    rebuilt = mlflow.get_run(point.info.run_id)
+    assert logged.model_uri == rebuilt.data.tags["model_uri"] and rebuilt.data.tags["mlflow.parentRunId"] == result.run_id
+    run = mlflow.get_run(entry)
+    assert run.info.status == "FINISHED" and run.data.tags["step"] == "log-model"
+    assert (run.data.tags["source_run_id"], run.data.tags["model_uri"]) == (point.info.run_id, logged.model_uri)
     assert log_trained_model_of(LogModelConfig(run=point.info.run_id)) == logged  # once
     data_uri = mlflow.get_run(result.run_id).info.artifact_uri + "/data"
     whole = evaluate(EvaluateConfig(model=logged.model_uri, data=data_uri, feature_cache="off"))
@@ -93,3 +100,10 @@ def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached
         return pd.read_csv(path).sort_values("path")["predicted"].to_numpy()
 
     assert (predicted(whole.run_id) == predicted(point.info.run_id)).mean() >= 0.99
+
+
+def test_log_model_under_mlflow_run_of_an_unknown_run_fails_its_run_in_one_line(mlflow_run_id):
+    with pytest.raises(PipelineError, match="no run 'nope' in the tracking store"):
+        log_trained_model_of(LogModelConfig(run="nope"))
+    run = mlflow.get_run(mlflow_run_id)
+    assert run.info.status == "FAILED" and run.data.tags[REASON].startswith("PipelineError: no run 'nope'")

@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 from conftest import CLASSES, write_images
 
 from pipeline.config import PipelineError, PredictConfig
+from pipeline.liveness import REASON
 from pipeline.predict import _write_atomically, predict
 
 CHAMPION = "models:/regshapes-resnet50@champion"
@@ -39,6 +41,28 @@ def test_predict_one_file(trained, tmp_path):
     [image] = write_images(tmp_path, "dog", 1)
     result = predict(PredictConfig(model=CHAMPION, input=str(image), output=str(tmp_path / "one.csv")))
     assert result.predicted == 1 and len(pd.read_csv(tmp_path / "one.csv")) == 1
+
+
+@pytest.mark.slow
+def test_under_mlflow_run_its_run_gets_the_csv_and_the_counts(trained, tmp_path, mlflow_run_id):
+    images = tmp_path / "incoming"
+    write_images(images, "cat", 2, seed=5)
+    (images / "broken.png").write_bytes(b"not an image")
+    predict(PredictConfig(model=CHAMPION, input=str(images), output=str(tmp_path / "out.csv")))
+    run = mlflow.get_run(mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["step"] == "predict"
+    counts = run.data.metrics
+    assert (counts["n_predicted"], counts["n_skipped"]) == (2, 1) and sum(counts[f"predicted/{c}"] for c in CLASSES) == 2
+    logged = mlflow.artifacts.download_artifacts(run_id=mlflow_run_id, artifact_path="out.csv", dst_path=str(tmp_path / "a"))
+    assert Path(logged).read_text() == (tmp_path / "out.csv").read_text()
+
+
+def test_under_mlflow_run_bad_input_fails_its_run_in_one_line(tmp_path, mlflow_run_id):
+    with pytest.raises(PipelineError, match="does not exist"):
+        predict(PredictConfig(model=CHAMPION, input=str(tmp_path / "missing"), output=str(tmp_path / "p.csv")))
+    run = mlflow.get_run(mlflow_run_id)
+    assert run.info.status == "FAILED" and "does not exist" in run.data.tags[REASON]
+    assert "\n" not in run.data.tags[REASON] and mlflow.active_run() is None
 
 
 @pytest.mark.parametrize("make, message", [

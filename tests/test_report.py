@@ -6,6 +6,7 @@ import mlflow
 import pytest
 
 from pipeline.config import PipelineError, ReportConfig
+from pipeline.liveness import REASON
 from pipeline.report import report
 
 
@@ -52,3 +53,25 @@ def test_report_of_a_missing_experiment_is_one_line():
     with pytest.raises(PipelineError, match="no experiment 'never-ran'") as e:
         report(ReportConfig(dataset="never-ran"))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_under_mlflow_run_its_run_gets_the_report_and_its_figures(trained, tmp_path, mlflow_run_id):
+    cfg, _ = trained
+    out = report(ReportConfig(dataset=cfg.dataset, output=str(tmp_path / "report.md")))
+    run = mlflow.get_run(mlflow_run_id)
+    assert run.info.status == "FINISHED" and (run.data.tags["step"], run.data.tags["dataset"]) == ("report", "regshapes")
+    client = mlflow.MlflowClient()
+    figures = [f"plots/{out.best_run_id[:8]}/{name}" for name in ("learning_curves.png", "confusion_matrix.png")]
+    assert {f.path for f in client.list_artifacts(mlflow_run_id)} >= {"report.md", "report.html", "plots"}
+    assert {f.path for f in client.list_artifacts(mlflow_run_id, f"plots/{out.best_run_id[:8]}")} == set(figures)
+    page = mlflow.artifacts.download_artifacts(run_id=mlflow_run_id, artifact_path="report.html",
+                                               dst_path=str(tmp_path / "logged"))
+    assert all(f'src="{figure}"' in Path(page).read_text() for figure in figures)  # the page finds its figures
+
+
+def test_under_mlflow_run_a_missing_experiment_fails_its_run_in_one_line(mlflow_run_id):
+    with pytest.raises(PipelineError, match="no experiment 'never-ran'"):
+        report(ReportConfig(dataset="never-ran"))
+    run = mlflow.get_run(mlflow_run_id)
+    assert run.info.status == "FAILED" and run.data.tags[REASON].startswith("PipelineError: no experiment 'never-ran'")
