@@ -5,9 +5,11 @@
 A fresh tracking store, study and feature cache. The features are extracted once (timed apart);
 then the study runs its trials (the grid's seven points first, each trial in a process of its
 own), logs the best trial's model, evaluates and registers it. For the trials: the wall time
-per trial (Optuna's start to end) split into fit (the head's learning_time_s) and the rest
-(the trial process's start and TensorFlow import, building the head, MLflow logging). Last
-lines: seconds_per_trial=... and tune_artifacts_mb=<artifacts written by the whole study>.
+per trial, as the study's pace (from the first trial's end to the last's, over the trials in
+between), split into the head's fit (learning_time_s), the rest of Optuna's trial (building the
+head, MLflow logging) and what happens between trials (starting a trial's process and importing
+TensorFlow, the worker's checks of the study). Last lines: seconds_per_trial=... and
+tune_artifacts_mb=<artifacts written by the whole study>.
 """
 
 import argparse
@@ -54,13 +56,18 @@ def main():
         for size, path in largest:
             print(f"artifact {size / 2**20:.1f} MB {path.relative_to(folder)}")
     per_trial = sum(walls[1:]) / max(len(walls) - 1, 1)  # the first trial extracts the features
+    ends = sorted(t.datetime_complete for t in trials)
+    pace = (ends[-1] - ends[0]).total_seconds() / max(len(ends) - 1, 1)  # the study's own pace, after the first
     print(cpu_line())
     print(f"trials={len(trials)} (complete {result.n_complete}, pruned {result.n_pruned}) "
           f"max_per_class={args.max_per_class} image_size={args.image_size} study_minutes={total / 60:.2f}")
     print(f"feature_extraction_s={extraction:.1f}  # once, in the first trial")
     print(f"fit_s_per_trial={fits.mean():.2f}  # the head's training, of the trials that finished")
-    print(f"rest_s_per_trial={per_trial - fits.mean():.2f}  # process start, TensorFlow import, logging")
-    print(f"seconds_per_trial={per_trial:.2f}")
+    print(f"rest_s_per_trial={per_trial - fits.mean():.2f}  # in the trial: building the head, MLflow logging")
+    print(f"between_trials_s={pace - per_trial:.2f}  # outside any trial: starting a trial process, imports, "
+          "the worker's study checks")
+    print(f"optuna_seconds_per_trial={per_trial:.2f}  # Optuna's start to end")
+    print(f"seconds_per_trial={pace:.2f}  # the study's pace: first to last trial end, over the trials between")
     print(f"tune_artifacts_mb={artifacts_mb:.1f}")
 
 

@@ -1,14 +1,19 @@
-"""One trial of tune, in a process of its own: train the suggested config in a child run of the
+"""Trials of tune, in a process of the worker's: train the suggested config in a child run of the
 tune run, report each epoch to Optuna, stop when pruned, record the process's memory.
 
-A fresh process per trial keeps a worker's memory flat however many trials it runs: Keras,
-TensorFlow (traced functions, XLA clusters) and MLflow each keep a little of every model, and
-clearing the Keras session does not give all of it back. The price is the interpreter's start.
+A trial process runs up to TRIALS_PER_PROCESS trials, then its worker starts a fresh one: Keras,
+TensorFlow (traced functions) and MLflow each keep a little of every model, and clearing the
+Keras session does not give all of it back (about 30 MB a trial), so a worker's memory stays
+bounded however many trials it runs; the interpreter's start and TensorFlow's import (several
+seconds, most of a quick trial's cost in a process of its own) are paid once per
+TRIALS_PER_PROCESS trials. Each train seeds everything itself, so a trial's result does not
+depend on the trials its process ran before.
 """
 
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -23,13 +28,18 @@ from pipeline.study import (Job, beat, claim_trial, counted, die_with_parent, fa
                             print_trial, suggest, worker_id)
 
 
-def run_trial(job: Job, worker: str, index: int) -> None:
-    """Process entry point: run one trial of the study unless it has job.cfg.n_trials already
-    (finished or running, other workers' included). Dead trials are failed, the count taken and
-    the trial asked for under the storage's lock, so that workers starting together never run
-    more than n_trials. The trial beats (pipeline.study.beat) while it trains. SIGTERM or SIGINT
-    end it FAIL, its run KILLED, and the process with 128 + the signal's number, quietly.
-    worker: the worker process (host:pid) that started this one."""
+TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial, an interpreter's start costs seconds
+
+
+def run_trial(job: Job, worker: str, index: int, deadline: float | None = None) -> None:
+    """Process entry point: run trials of the study, one after another, up to TRIALS_PER_PROCESS
+    and while it has fewer than job.cfg.n_trials (finished or running, other workers' included).
+    Dead trials are failed, the count taken and each trial asked for under the storage's lock, so
+    that workers starting together never run more than n_trials. A trial beats
+    (pipeline.study.beat) while it trains. SIGTERM or SIGINT end the running trial FAIL, its run
+    KILLED, and the process with 128 + the signal's number, quietly.
+    worker: the worker process (host:pid) that started this one; deadline: time.time() after which
+    it starts no more trials (tune's timeout)."""
     die_with_parent()
     stop_on_signals()
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent, not this trial's run
@@ -38,13 +48,16 @@ def run_trial(job: Job, worker: str, index: int) -> None:
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used", UserWarning)
     try:
         study = open_study(job.cfg, job.study_name, worker=index, pruner=job.pruner)
-        with locked(job.cfg.storage):
-            fail_dead_trials(study)
-            if counted(study) >= job.cfg.n_trials:
+        for _ in range(TRIALS_PER_PROCESS):
+            if deadline is not None and time.time() > deadline:
                 return
-            trial = study.ask()
-            claim_trial(trial, worker, job.cfg)
-        print_trial(study, _run(trial, Objective(job, worker), job.cfg.heartbeat_interval))
+            with locked(job.cfg.storage):
+                fail_dead_trials(study)
+                if counted(study) >= job.cfg.n_trials:
+                    return
+                trial = study.ask()
+                claim_trial(trial, worker, job.cfg)
+            print_trial(study, _run(trial, Objective(job, worker), job.cfg.heartbeat_interval))
     except Stopped as e:
         sys.exit(128 + getattr(signal.Signals, e.signame).value)
 
@@ -136,7 +149,8 @@ def end_run(run_id: str, state: str, status: str | None = None, **tags) -> None:
 
 def record_memory(trial: optuna.Trial, run_id: str) -> None:
     """The process's memory after the trial, as trial user attrs and run metrics: rss_mb (resident
-    now, the Keras session cleared) and peak_rss_mb (its high-water mark: the trial's peak)."""
+    now, the Keras session cleared) and peak_rss_mb (its high-water mark: the peak of this trial
+    and of the trials its process ran before)."""
     keras.backend.clear_session(free_memory=True)
     memory = rss_mb()
     for key, value in memory.items():

@@ -60,7 +60,7 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
     plots/optimization_history.png, plots/param_importances.png, plots/parallel_coordinate.png;
     best_params.json and tags best.<param>, best_run_id, best_model_uri, optuna_study; metrics
     best_val_accuracy, best_trial, test_accuracy, n_complete, n_pruned, n_failed. Each trial is
-    a train run named trial-<number>, in a process of its own (pipeline.trial), with tags
+    a train run named trial-<number>, in a trial process of its worker's (pipeline.trial), with tags
     optuna_study, optuna_trial, optuna_worker, optuna_process and optuna_state: COMPLETE (run
     FINISHED), PRUNED (run KILLED, tag pruned_at_epoch, no model) or FAIL (run FAILED); and
     metrics rss_mb and peak_rss_mb; a taken-over grid point's run stays its grid's. The study
@@ -162,7 +162,8 @@ def _spawned_worker(job: Job, index: int) -> None:
 
 
 def work(job: Job, index: int) -> None:
-    """A worker: run trials, each in a fresh process (pipeline.trial), until the study is done
+    """A worker: run trials in processes of its own (pipeline.trial: a fresh one every
+    TRIALS_PER_PROCESS trials), until the study is done
     (n_trials finished, none running: other workers' trials, here or on other machines, count,
     and a worker waits for them, since a dead one is failed and retried) or cfg.timeout has passed.
     A stop (SIGTERM, SIGINT) is passed on to the running trial, which ends cleanly first."""
@@ -183,7 +184,8 @@ def work(job: Job, index: int) -> None:
         if counted(study) >= job.cfg.n_trials:
             time.sleep(POLL_S)  # other workers' trials decide whether one more is needed
             continue
-        trial = context.Process(target=run_trial, args=(job, me, index), name="tune trial")
+        deadline = time.time() + job.cfg.timeout - (time.monotonic() - start) if job.cfg.timeout else None
+        trial = context.Process(target=run_trial, args=(job, me, index, deadline), name="tune trial")
         trial.start()
         try:
             trial.join()

@@ -243,6 +243,8 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
     assert list(runs["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
     assert [t.user_attrs["mlflow_run_id"] for t in trials] == list(runs["run_id"])  # pruned ones too
     assert runs["metrics.rss_mb"].gt(100).all() and runs["metrics.peak_rss_mb"].ge(runs["metrics.rss_mb"]).all()
+    # one trial process of the worker's ran the four trials (up to TRIALS_PER_PROCESS), not one process each
+    assert runs["tags.optuna_process"].nunique() == 1 and (runs["tags.optuna_process"] != runs["tags.optuna_worker"]).all()
     client = mlflow.MlflowClient()
     epochs = [len(client.get_metric_history(run_id, "val_accuracy")) for run_id in runs["run_id"]]
     assert epochs == [2, 1] * 2  # a pruned trial stops after its first epoch and logs no model
