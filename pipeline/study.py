@@ -165,8 +165,7 @@ def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.prune
     named val_accuracy, as optuna-dashboard shows it) with TPE (the grid's points are its start-up
     trials; constant liar keeps parallel workers apart) and pruner, by default cfg.pruner's.
 
-    The sampler's seed follows cfg.seed, the worker and the trials so far: a fresh study is
-    reproducible, while a resumed one or a second worker does not repeat the first one's draws.
+    Its sampler is seed_sampler's.
     """
     storage = open_storage(cfg.storage, cfg.heartbeat_interval, cfg.grace_period)
     with locked(cfg.storage):
@@ -176,9 +175,16 @@ def open_study(cfg: TuneConfig, name: str, worker: int = 0, pruner: optuna.prune
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(["val_accuracy"])
+    seed_sampler(study, cfg, worker)
+    return study
+
+
+def seed_sampler(study: optuna.Study, cfg: TuneConfig, worker: int) -> None:
+    """A new TPE sampler for the study's next trial, its seed from cfg.seed, the worker and the
+    trials so far: a fresh study is reproducible, whichever of a process's trials this is, while a
+    resumed one or a second worker does not repeat the first one's draws."""
     seed = int(hashlib.sha256(f"{cfg.seed}/{worker}/{len(study.trials)}".encode()).hexdigest()[:8], 16)
     study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=len(GRID), constant_liar=True)
-    return study
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from pipeline.config import TrainConfig
 from pipeline.liveness import Stopped, beating, owner_tags, stop_on_signals
 from pipeline.study import (Job, beat, claim_trial, counted, die_with_parent, fail_dead_trials, locked, open_study,
-                            print_trial, suggest, worker_id)
+                            print_trial, seed_sampler, suggest, worker_id)
 
 
 TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial, an interpreter's start costs seconds
@@ -55,6 +55,7 @@ def run_trial(job: Job, worker: str, index: int, deadline: float | None = None) 
                 fail_dead_trials(study)
                 if counted(study) >= job.cfg.n_trials:
                     return
+                seed_sampler(study, job.cfg, index)  # as a process of its own per trial would draw
                 trial = study.ask()
                 claim_trial(trial, worker, job.cfg)
             print_trial(study, _run(trial, Objective(job, worker), job.cfg.heartbeat_interval))
