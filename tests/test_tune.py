@@ -22,7 +22,7 @@ from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import _key, grid, point_configs
 from pipeline.liveness import is_dead, owner_key
 from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
-                            suggest)
+                            seed_sampler, suggest)
 from pipeline.tune import grid_trials, start_study, tune
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +169,27 @@ def test_after_the_grid_points_tpe_searches_beyond_them(tmp_path):
     assert [t.params for t in trials[:7]] == grid_params(cfg)
     assert [t.user_attrs.get("grid_point") for t in trials] == [1, 2, 3, 4, 5, 6, 7, None, None]
     assert not any(t.params in grid_params(cfg) for t in trials[7:])
+
+
+def test_a_process_running_several_trials_draws_what_a_process_per_trial_would(tmp_path):
+    """pipeline.trial reseeds the sampler before each trial: the draws depend on the study's
+    trials so far, not on how many trials the asking process ran before."""
+    cfg = tiny_config(tmp_path, tmp_path / "optuna.db")
+    base = cfg.to(TrainConfig, data="runs:/x/data")
+    draws = {}
+    for layout in ("one process", "a process each"):
+        study = open_study(cfg, layout)
+        for value in (0.3, 0.4, 0.5, 0.4, 0.3, 0.6, 0.7, 0.5, 0.6, 0.4):
+            if layout == "one process":
+                seed_sampler(study, cfg, 0)
+            else:
+                study = open_study(cfg, layout)  # as a fresh trial process opens it
+            trial = study.ask()
+            suggest(trial, base, cfg.weights)
+            study.tell(trial, value)
+        draws[layout] = [t.params for t in study.get_trials()]
+    assert draws["one process"] == draws["a process each"]
+    assert len({str(p) for p in draws["one process"]}) == 10  # ten different draws
 
 
 def test_search_space_and_fine_tune_only_with_pretrained_weights():
