@@ -3,8 +3,8 @@
     PIPELINE_DATA_DIR=../shared/data python benchmarks/tune_speed.py [--trials 20] [--max-per-class 200]
 
 A fresh tracking store, study and feature cache. The features are extracted once (timed apart);
-then the study runs its trials (the grid's seven points first, each trial in a process of its
-own), logs the best trial's model, evaluates and registers it. For the trials: the wall time
+then the study runs its trials (the grid's seven points first, in trial processes of up to 10
+trials each), logs the best trial's model, evaluates and registers it. For the trials: the wall time
 per trial, as the study's pace (from the first trial's end to the last's, over the trials in
 between), split into the head's fit (learning_time_s), the rest of Optuna's trial (building the
 head, MLflow logging) and what happens between trials (starting a trial's process and importing
