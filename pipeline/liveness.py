@@ -107,8 +107,14 @@ def reap(experiment_ids: list[str] | None = None) -> list[str]:
     reaped = []
     for run in _search_all(client, experiment_ids, "attributes.status = 'RUNNING'"):
         if run_is_dead(run):
-            end(run.info.run_id, "FAILED", f"{why_dead(run.data.tags)}: marked FAILED by {socket.gethostname()}:"
-                                           f"{os.getpid()}", optuna_state=run.data.tags.get("optuna_state"))
+            try:
+                end(run.info.run_id, "FAILED", f"{why_dead(run.data.tags)}: marked FAILED by {socket.gethostname()}:"
+                                               f"{os.getpid()}", optuna_state=run.data.tags.get("optuna_state"))
+            except MlflowException:
+                # Another process reaps it at this moment (both insert the reason: UniqueViolation on PostgreSQL).
+                if REASON in client.get_run(run.info.run_id).data.tags:
+                    continue
+                raise
             reaped.append(run.info.run_id)
             print(f"run {run.info.run_id} was left RUNNING by a process that is gone: marked FAILED")
     return reaped

@@ -54,6 +54,32 @@ def test_reap_fails_runs_of_dead_owners_only_with_the_reason():
     assert status["silent"].data.tags[liveness.REASON].startswith("no heartbeat from elsewhere:7 for over 120 s")
 
 
+def test_two_processes_reaping_one_dead_run_at_once_is_no_error(monkeypatch):
+    """On PostgreSQL two reapers' inserts of the reason collide (UniqueViolation): the one that
+    loses leaves the run to the other; any other error is raised."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("reap-at-once")
+    run_id = client.create_run(experiment, tags={**liveness.owner_tags(),
+                                                 liveness.OWNER_KEY: dead_owner_key()}).info.run_id
+    real_end = liveness.end
+
+    def raced(run, *args, **kwargs):  # the other reaper got there first
+        real_end(run, "FAILED", "its process is gone: marked FAILED by the other reaper")
+        raise MlflowException("duplicate key value violates unique constraint \"tag_pk\"")
+
+    monkeypatch.setattr(liveness, "end", raced)
+    assert liveness.reap([experiment]) == []
+    assert client.get_run(run_id).info.status == "FAILED"
+    other = client.create_run(experiment, tags={**liveness.owner_tags(),
+                                                liveness.OWNER_KEY: dead_owner_key()}).info.run_id
+    monkeypatch.setattr(liveness, "end", lambda *a, **k: (_ for _ in ()).throw(MlflowException("store is down")))
+    with pytest.raises(MlflowException, match="store is down"):
+        liveness.reap([experiment])
+    assert client.get_run(other).info.status == "RUNNING"
+
+
 def test_a_live_parent_is_never_taken_and_an_ended_one_by_one_command_only():
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("claims")

@@ -331,14 +331,16 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_workers_share_one_journal_study(tmp_path):
-    cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=3,
+    # Six trials: the spawned worker starts its trial process two interpreter starts after the
+    # first worker's, whose process runs trials one after another meanwhile (3 were all done by then).
+    cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=6,
                       pruner="none", workers=2)
     result = tune(cfg)
     trials = trials_of(cfg, result.study_name)
-    assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.number for t in trials] == list(range(6)) and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     runs = children(result.run_id, "workshapes")
-    assert sorted(runs["tags.optuna_trial"].astype(int)) == [0, 1, 2] and (runs["status"] == "FINISHED").all()
+    assert sorted(runs["tags.optuna_trial"].astype(int)) == list(range(6)) and (runs["status"] == "FINISHED").all()
     assert runs["tags.optuna_worker"].nunique() == 2
 
 
