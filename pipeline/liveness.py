@@ -107,26 +107,33 @@ def reap(experiment_ids: list[str] | None = None) -> list[str]:
     reaped = []
     for run in _search_all(client, experiment_ids, "attributes.status = 'RUNNING'"):
         if run_is_dead(run):
-            try:
-                end(run.info.run_id, "FAILED", f"{why_dead(run.data.tags)}: marked FAILED by {socket.gethostname()}:"
-                                               f"{os.getpid()}", optuna_state=run.data.tags.get("optuna_state"))
-            except MlflowException:
-                # Another process reaps it at this moment (both insert the reason: UniqueViolation on PostgreSQL).
-                if REASON in client.get_run(run.info.run_id).data.tags:
-                    continue
-                raise
+            end(run.info.run_id, "FAILED", f"{why_dead(run.data.tags)}: marked FAILED by {socket.gethostname()}:"
+                                           f"{os.getpid()}", optuna_state=run.data.tags.get("optuna_state"))
             reaped.append(run.info.run_id)
             print(f"run {run.info.run_id} was left RUNNING by a process that is gone: marked FAILED")
     return reaped
 
 
 def end(run_id: str, status: str, reason: str, optuna_state: str | None = None) -> None:
-    """End a run with status and why (tag pipeline.end_reason); a trial's run also gets optuna_state FAIL."""
+    """End a run with status and why (tag pipeline.end_reason); a trial's run also gets optuna_state FAIL.
+
+    Several processes may end the same dead run at once (reap, a dead trial's on_dead_trial): on
+    PostgreSQL their first inserts of a tag collide (UniqueViolation). The loser returns if the run
+    has ended meanwhile, else ends it again, when the tags exist and are updated."""
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, REASON, reason[:5000])
-    if optuna_state == "RUNNING":
-        client.set_tag(run_id, "optuna_state", "FAIL")
-    client.set_terminated(run_id, status)
+
+    def once():
+        client.set_tag(run_id, REASON, reason[:5000])
+        if optuna_state == "RUNNING":
+            client.set_tag(run_id, "optuna_state", "FAIL")
+        client.set_terminated(run_id, status)
+
+    try:
+        once()
+    except MlflowException:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        once()
 
 
 def take(run, owner: str | None = None) -> bool:

@@ -58,6 +58,9 @@ MAX_RETRY = 2  # a trial whose process dies is run again at most this often
 RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
+TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial, an interpreter's start costs seconds
+
+
 @dataclass(frozen=True)
 class Job:
     """What a worker, and each trial's process, needs: picklable, for spawned processes."""
@@ -67,6 +70,7 @@ class Job:
     parent_run_id: str
     experiment: str  # the parent run's experiment, where the trials' runs go
     pruner: optuna.pruners.BasePruner | None = None  # instead of cfg.pruner's
+    trials_per_process: int = TRIALS_PER_PROCESS
 
 
 def default_study_name(cfg: TuneConfig, dataset: str) -> str:

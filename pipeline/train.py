@@ -339,9 +339,11 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
         compile_for_training(head, cfg.learning_rate, head_steps_per_execution(len(train_data), cfg.epochs, job.replicas))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     val_data = FeatureBatches(val_f.array, y_val, **job.batching(8 * cfg.batch_size, job.val_rows, any_size=True))
-    history, seconds = _fit(head, train_data, val_data, job)
-    if log:  # after the epochs' metrics, which the UI's compare view should pick first (_LogEpochs)
-        mlflow.log_metrics(extraction)
+    try:
+        history, seconds = _fit(head, train_data, val_data, job)
+    finally:  # after the epochs' metrics, which the UI's compare view should pick first (_LogEpochs); pruned too
+        if log:
+            mlflow.log_metrics(extraction)
     return Trained(head, cfg, data, history, seconds, None, backbone, train_f.backbone_digest)
 
 

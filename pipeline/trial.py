@@ -1,12 +1,13 @@
 """Trials of tune, in a process of the worker's: train the suggested config in a child run of the
 tune run, report each epoch to Optuna, stop when pruned, record the process's memory.
 
-A trial process runs up to TRIALS_PER_PROCESS trials, then its worker starts a fresh one: Keras,
+A trial process runs up to job.trials_per_process trials (pipeline.study.TRIALS_PER_PROCESS),
+then its worker starts a fresh one: Keras,
 TensorFlow (traced functions) and MLflow each keep a little of every model, and clearing the
 Keras session does not give all of it back (about 30 MB a trial), so a worker's memory stays
 bounded however many trials it runs; the interpreter's start and TensorFlow's import (several
 seconds, most of a quick trial's cost in a process of its own) are paid once per
-TRIALS_PER_PROCESS trials. Each train seeds everything itself, so a trial's result does not
+that many trials. Each train seeds everything itself, so a trial's result does not
 depend on the trials its process ran before.
 """
 
@@ -28,11 +29,8 @@ from pipeline.study import (Job, beat, claim_trial, counted, die_with_parent, fa
                             print_trial, seed_sampler, suggest, worker_id)
 
 
-TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial, an interpreter's start costs seconds
-
-
 def run_trial(job: Job, worker: str, index: int, deadline: float | None = None) -> None:
-    """Process entry point: run trials of the study, one after another, up to TRIALS_PER_PROCESS
+    """Process entry point: run trials of the study, one after another, up to job.trials_per_process
     and while it has fewer than job.cfg.n_trials (finished or running, other workers' included).
     Dead trials are failed, the count taken and each trial asked for under the storage's lock, so
     that workers starting together never run more than n_trials. A trial beats
@@ -48,7 +46,7 @@ def run_trial(job: Job, worker: str, index: int, deadline: float | None = None) 
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used", UserWarning)
     try:
         study = open_study(job.cfg, job.study_name, worker=index, pruner=job.pruner)
-        for _ in range(TRIALS_PER_PROCESS):
+        for _ in range(job.trials_per_process):
             if deadline is not None and time.time() > deadline:
                 return
             with locked(job.cfg.storage):

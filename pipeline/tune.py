@@ -163,7 +163,7 @@ def _spawned_worker(job: Job, index: int) -> None:
 
 def work(job: Job, index: int) -> None:
     """A worker: run trials in processes of its own (pipeline.trial: a fresh one every
-    TRIALS_PER_PROCESS trials), until the study is done
+    job.trials_per_process trials), until the study is done
     (n_trials finished, none running: other workers' trials, here or on other machines, count,
     and a worker waits for them, since a dead one is failed and retried) or cfg.timeout has passed.
     A stop (SIGTERM, SIGINT) is passed on to the running trial, which ends cleanly first."""

@@ -54,30 +54,44 @@ def test_reap_fails_runs_of_dead_owners_only_with_the_reason():
     assert status["silent"].data.tags[liveness.REASON].startswith("no heartbeat from elsewhere:7 for over 120 s")
 
 
-def test_two_processes_reaping_one_dead_run_at_once_is_no_error(monkeypatch):
-    """On PostgreSQL two reapers' inserts of the reason collide (UniqueViolation): the one that
-    loses leaves the run to the other; any other error is raised."""
+def test_two_processes_ending_one_dead_run_at_once_is_no_error(monkeypatch):
+    """On PostgreSQL two processes' first inserts of the end reason collide (UniqueViolation): the
+    loser leaves a run the other has ended, or ends it again; a store that keeps failing is raised."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("reap-at-once")
-    run_id = client.create_run(experiment, tags={**liveness.owner_tags(),
-                                                 liveness.OWNER_KEY: dead_owner_key()}).info.run_id
-    real_end = liveness.end
+    dead = {**liveness.owner_tags(), liveness.OWNER_KEY: dead_owner_key()}
+    real_set_tag = mlflow.MlflowClient.set_tag
 
-    def raced(run, *args, **kwargs):  # the other reaper got there first
-        real_end(run, "FAILED", "its process is gone: marked FAILED by the other reaper")
-        raise MlflowException("duplicate key value violates unique constraint \"tag_pk\"")
+    def collide(other_finishes: bool):
+        first = []
 
-    monkeypatch.setattr(liveness, "end", raced)
-    assert liveness.reap([experiment]) == []
-    assert client.get_run(run_id).info.status == "FAILED"
-    other = client.create_run(experiment, tags={**liveness.owner_tags(),
-                                                liveness.OWNER_KEY: dead_owner_key()}).info.run_id
-    monkeypatch.setattr(liveness, "end", lambda *a, **k: (_ for _ in ()).throw(MlflowException("store is down")))
+        def set_tag(self, run_id, key, value, *args, **kwargs):
+            if key == liveness.REASON and not first:  # the other process inserted it a moment before
+                first.append(key)
+                real_set_tag(self, run_id, key, "marked FAILED by the other process")
+                if other_finishes:
+                    real_set_terminated(run_id, "FAILED")
+                raise MlflowException('duplicate key value violates unique constraint "tag_pk"')
+            return real_set_tag(self, run_id, key, value, *args, **kwargs)
+        return set_tag
+
+    real_set_terminated = client.set_terminated
+    for other_finishes in (True, False):
+        run_id = client.create_run(experiment, tags=dead).info.run_id
+        monkeypatch.setattr(mlflow.MlflowClient, "set_tag", collide(other_finishes))
+        assert liveness.reap([experiment]) == [run_id]
+        assert client.get_run(run_id).info.status == "FAILED"
+    run_id = client.create_run(experiment, tags=dead).info.run_id
+
+    def down(self, *args, **kwargs):
+        raise MlflowException("store is down")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", down)
     with pytest.raises(MlflowException, match="store is down"):
         liveness.reap([experiment])
-    assert client.get_run(other).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "RUNNING"
 
 
 def test_a_live_parent_is_never_taken_and_an_ended_one_by_one_command_only():

@@ -1,6 +1,7 @@
 """tune: the grid's points first, pruned and complete trials as child runs, resuming after kill -9,
 two workers on one journal study, dead trials recognised, one-line errors."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from optuna.trial import TrialState
 from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import _key, grid, point_configs
 from pipeline.liveness import is_dead, owner_key
-from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
+from pipeline.study import (Job, fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
                             seed_sampler, suggest)
 from pipeline.tune import grid_trials, start_study, tune
 
@@ -264,7 +265,7 @@ def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_
     assert list(runs["tags.mlflow.runName"]) == [f"trial-{n}" for n in range(4)]
     assert [t.user_attrs["mlflow_run_id"] for t in trials] == list(runs["run_id"])  # pruned ones too
     assert runs["metrics.rss_mb"].gt(100).all() and runs["metrics.peak_rss_mb"].ge(runs["metrics.rss_mb"]).all()
-    # one trial process of the worker's ran the four trials (up to TRIALS_PER_PROCESS), not one process each
+    # one trial process of the worker's ran the four trials (up to Job.trials_per_process), not one process each
     assert runs["tags.optuna_process"].nunique() == 1 and (runs["tags.optuna_process"] != runs["tags.optuna_worker"]).all()
     client = mlflow.MlflowClient()
     epochs = [len(client.get_metric_history(run_id, "val_accuracy")) for run_id in runs["run_id"]]
@@ -330,9 +331,10 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_journal_study(tmp_path):
-    # Six trials: the spawned worker starts its trial process two interpreter starts after the
-    # first worker's, whose process runs trials one after another meanwhile (3 were all done by then).
+def test_two_workers_share_one_journal_study(tmp_path, monkeypatch):
+    # One trial per process: the spawned worker starts its first trial process two interpreter
+    # starts after the first worker's, which would otherwise run every trial of a small study.
+    monkeypatch.setattr("pipeline.tune.Job", functools.partial(Job, trials_per_process=1))
     cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=6,
                       pruner="none", workers=2)
     result = tune(cfg)
