@@ -187,38 +187,51 @@ def versions(name: str | None = None) -> pd.DataFrame:
     """One row per version of the registered model name (every registered model if None):
     name, version, aliases, source run, data digest, key parameters (TABLE_PARAMS, from the model
     card), best_val_accuracy and test_accuracy (from the tags), created."""
+    return _versions_and_cards(name)[0]
+
+
+def _versions_and_cards(name: str | None) -> tuple[pd.DataFrame, dict]:
+    """(versions(name), each version's model card by (name, version), None for a model this
+    pipeline did not log): a card is read once, for the table and for describe."""
     client = mlflow.MlflowClient()
     if name is not None:
         _require_model(client, name)
     found = client.search_model_versions(f"name = '{name}'" if name else None)
     aliases = _aliases(client, {v.name for v in found})
+    cards = {(v.name, str(v.version)): _card_or_none(v.name, v.version) for v in found}
     rows = [{"name": v.name, "version": int(v.version), "aliases": ",".join(aliases.get((v.name, str(v.version)), [])),
              "source_run": v.run_id or "", "data_digest": v.tags.get("data_digest", ""),
-             **_parameters(v.name, v.version), **{k: _score(v.tags.get(k)) for k in METRICS},
+             **_parameters(cards[(v.name, str(v.version))]), **{k: _score(v.tags.get(k)) for k in METRICS},
              "created": pd.to_datetime(v.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M")}
             for v in found]
     columns = ["name", "version", "aliases", "source_run", "data_digest", *TABLE_PARAMS, *METRICS, "created"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["name", "version"]).reset_index(drop=True)
+    return pd.DataFrame(rows, columns=columns).sort_values(["name", "version"]).reset_index(drop=True), cards
 
 
-def _parameters(name: str, version) -> dict[str, str]:
-    """TABLE_PARAMS of a version, from its model card; blank for a model this pipeline did not log."""
+def _card_or_none(name: str, version) -> ModelCard | None:
     try:
-        config = read_card(f"models:/{name}/{version}")[0].config
+        return read_card(f"models:/{name}/{version}")[0]
     except PipelineError:
+        return None
+
+
+def _parameters(card: ModelCard | None) -> dict[str, str]:
+    """TABLE_PARAMS of a version, from its model card; blank for a model this pipeline did not log."""
+    if card is None:
         return dict.fromkeys(TABLE_PARAMS, "")
-    return {k: str(config.get(k, "")) for k in TABLE_PARAMS}
+    return {k: str(card.config.get(k, "")) for k in TABLE_PARAMS}
 
 
 def describe(name: str) -> tuple[pd.DataFrame, list[dict]]:
     """(versions(name), one dict per version: version, aliases, metrics, champion decision, the
     version it was compared with, and its model card) for `models show`."""
-    table = versions(name)
+    table, cards = _versions_and_cards(name)
     client = mlflow.MlflowClient()
     details = []
     for row in table.itertuples():
         tags = client.get_model_version(name, str(row.version)).tags
-        card, _ = read_card(f"models:/{name}/{row.version}")
+        # a model this pipeline did not log: read_card's one-line error, as before
+        card = cards[(name, str(row.version))] or read_card(f"models:/{name}/{row.version}")[0]
         details.append({"version": row.version, "aliases": row.aliases,
                         "metrics": {k: _score(tags[k]) for k in METRICS if k in tags},
                         "champion_decision": tags.get("champion_decision", ""),
