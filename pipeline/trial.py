@@ -2,13 +2,12 @@
 tune run, report each epoch to Optuna, stop when pruned, record the process's memory.
 
 A trial process runs up to job.trials_per_process trials (pipeline.study.TRIALS_PER_PROCESS),
-then its worker starts a fresh one: Keras,
-TensorFlow (traced functions) and MLflow each keep a little of every model, and clearing the
-Keras session does not give all of it back (about 30 MB a trial), so a worker's memory stays
-bounded however many trials it runs; the interpreter's start and TensorFlow's import (several
-seconds, most of a quick trial's cost in a process of its own) are paid once per
-that many trials. Each train seeds everything itself, so a trial's result does not
-depend on the trials its process ran before.
+then its worker starts a fresh one: Keras, TensorFlow (traced functions) and MLflow each keep a
+little of every model, and clearing the Keras session does not give all of it back (about 30 MB
+a trial), so a worker's memory stays bounded however many trials it runs; the interpreter's
+start and TensorFlow's import (several seconds, most of a quick trial's cost in a process of its
+own) are paid once per that many trials. Each train seeds everything itself, so a trial's result
+does not depend on the trials its process ran before.
 """
 
 import os

@@ -171,9 +171,10 @@ def work(job: Job, index: int) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, me = open_study(job.cfg, job.study_name), worker_id()
-    context, start = multiprocessing.get_context("spawn"), time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    deadline = time.time() + job.cfg.timeout if job.cfg.timeout else None  # the trial processes stop there too
     while True:
-        if job.cfg.timeout and time.monotonic() - start > job.cfg.timeout:
+        if deadline is not None and time.time() > deadline:
             print(f"{me}: timeout of {job.cfg.timeout} s reached, starting no more trials")
             return
         with locked(job.cfg.storage):
@@ -184,7 +185,6 @@ def work(job: Job, index: int) -> None:
         if counted(study) >= job.cfg.n_trials:
             time.sleep(POLL_S)  # other workers' trials decide whether one more is needed
             continue
-        deadline = time.time() + job.cfg.timeout - (time.monotonic() - start) if job.cfg.timeout else None
         trial = context.Process(target=run_trial, args=(job, me, index, deadline), name="tune trial")
         trial.start()
         try:
