@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import ClassVar
 
 PRESETS = ("blood_cells", "covid19")
@@ -22,6 +23,12 @@ PRUNERS = ("median", "hyperband", "none")
 ENGINES = ("auto", "openvino", "tensorflow")
 LOG_MODELS = ("best", "all")
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
+
+
+def cache_folder(cache_dir: str = "") -> Path:
+    """cache_dir, else $PIPELINE_CACHE_DIR, else ~/.cache/resnet50-pipeline."""
+    default = os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "resnet50-pipeline"
+    return Path(cache_dir or default)
 
 
 class PipelineError(Exception):

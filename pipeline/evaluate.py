@@ -93,7 +93,8 @@ def evaluate_trained(trained, run_id: str) -> EvaluateResult:
             features = split_features(trained.backbone, test, cfg.cache_dir, cfg.batch_size)
             probs = _head_probabilities(trained.model, features, cfg.batch_size)
         else:
-            probs = _run_whole(trained.model, asdict(cfg), len(data.class_names), test, cfg.engine, cfg.batch_size)
+            probs = _run_whole(trained.model, asdict(cfg), len(data.class_names), test, cfg.engine, cfg.batch_size,
+                               cache_dir=None)  # a new model: nothing will convert it again
         scores = _log_scores(data, test, probs)
     return EvaluateResult(run_id, scores)
 
@@ -124,7 +125,7 @@ def _model_probabilities(model, card: ModelCard, rows: pd.DataFrame, cfg: Evalua
         features = split_features(backbone, rows, cfg.cache_dir, cfg.batch_size)
         if features.backbone_digest == card.backbone_digest:
             return _head_probabilities(model.get_layer("head"), features, cfg.batch_size)
-    return _run_whole(model, card.config, len(card.class_names), rows, cfg.engine, cfg.batch_size)
+    return _run_whole(model, card.config, len(card.class_names), rows, cfg.engine, cfg.batch_size, cfg.cache_dir)
 
 
 def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
@@ -134,9 +135,11 @@ def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
                            for i in range(0, len(features.array), step)])
 
 
-def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int) -> np.ndarray:
+def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int,
+               cache_dir: str | None) -> np.ndarray:
     """Probabilities of the whole image-to-class model over rows' images, on engine."""
-    runner = compile_classifier(model, config, n_classes, engine, resolve_precision(config.get("precision", "auto")))
+    runner = compile_classifier(model, config, n_classes, engine, resolve_precision(config.get("precision", "auto")),
+                                cache_dir)
     batches = (images.numpy() for images, _ in make_dataset(rows, config["image_size"], batch_size))
     return runner.run(batches, np.empty((len(rows), n_classes), np.float32))
 

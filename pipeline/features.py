@@ -32,18 +32,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline import engine as engines
-from pipeline.config import ModelParams, PipelineError
+from pipeline.config import ModelParams, PipelineError, cache_folder
 from pipeline.data import DECODING, make_dataset
-from pipeline.model import backbone_identity, feature_model, resolve_precision
+from pipeline.model import backbone_identity, feature_model, resolve_precision, weights_digest
 
 CHECK_IMAGES = 2  # images per extraction checked against TensorFlow float32 (200,704 values at 224 px; each image
 # costs TensorFlow float32 about 0.2 s, the engine a few ms)
-
-
-def cache_folder(cache_dir: str = "") -> Path:
-    """cache_dir, else $PIPELINE_CACHE_DIR, else ~/.cache/resnet50-pipeline."""
-    default = os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "resnet50-pipeline"
-    return Path(cache_dir or default)
 
 
 @dataclass(frozen=True)
@@ -82,15 +76,6 @@ def split_features(backbone: Backbone, rows: pd.DataFrame, cache_dir: str = "", 
     """The backbone's features of rows, from the cache or extracted into it."""
     key = cache_key(rows, backbone)
     return cached_features(rows, backbone, cache_folder(cache_dir) / key, batch_size)
-
-
-def weights_digest(model: keras.Model) -> str:
-    """Digest of a model's weights (values and shapes)."""
-    h = hashlib.sha256()
-    for w in model.get_weights():
-        h.update(str(w.shape).encode())
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_key(rows: pd.DataFrame, backbone: Backbone) -> str:
@@ -164,10 +149,11 @@ def _scan(features: np.ndarray, check_finite: bool = True) -> tuple[int, bool]:
 
 
 @functools.lru_cache(maxsize=2)
-def _runner(backbone: Backbone) -> tuple[engines.Runner, str, object]:
-    """(compiled extractor, digest of its weights, its builder), once per process and backbone."""
+def _runner(backbone: Backbone, cache_dir: str = "") -> tuple[engines.Runner, str, object]:
+    """(compiled extractor, digest of its weights, its builder), once per process and backbone;
+    converted for OpenVINO once per backbone in cache_dir's ir_cache."""
     build = functools.lru_cache(maxsize=2)(backbone.build)
-    runner = engines.compile_model(build, backbone.engine, backbone.precision)
+    runner = engines.compile_model(build, backbone.engine, backbone.precision, engines.ir_cache(cache_dir))
     return runner, weights_digest(build("float32").get_layer("resnet50")), build
 
 
@@ -179,7 +165,7 @@ def _extract(rows: pd.DataFrame, backbone: Backbone, folder: Path, batch_size: i
     none, and the last writer's identical files win.
     """
     start_time = time.perf_counter()
-    runner, digest, build = _runner(backbone)
+    runner, digest, build = _runner(backbone, str(folder.parent))  # the converted backbone beside the features
     own = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial = folder / f"features.{own}.partial.npy"
     out = _allocate(partial, (len(rows), *runner.output_shape))

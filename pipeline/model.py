@@ -71,6 +71,15 @@ def feature_model(weights: str, image_size: int, seed: int, policy: str) -> kera
     return keras.Model(inputs, backbone(preprocess_layer()(inputs), training=False), name="features")
 
 
+def weights_digest(model: keras.Model) -> str:
+    """Digest of a model's weights (values and shapes)."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(str(w.shape).encode())
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
 def backbone_identity(weights: str, seed: int) -> str:
     """What the backbone's weights are, without building it: random (seed), imagenet, a weights
     file's content, or the logged model they come from. Part of the feature cache's key."""

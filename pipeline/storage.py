@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.config import PipelineError
+from pipeline.config import PipelineError, cache_folder
 
 FULL = {errno.ENOSPC, errno.EDQUOT}
 DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -70,7 +70,7 @@ def _folders() -> dict[str, Path]:
             folders["the run's artifacts in"] = artifacts
     folders["the temporary folder"] = Path(tempfile.gettempdir())
     if "pipeline.features" in sys.modules:
-        folders["the feature cache"] = sys.modules["pipeline.features"].cache_folder()
+        folders["the feature cache"] = cache_folder()
     return folders
 
 

@@ -57,7 +57,8 @@ def test_changed_rows_weights_size_engine_precision_or_decoding_never_reuse_an_e
         assert not split_features(other, rows, str(tmp_path)).hit, other
     monkeypatch.setattr(features, "DECODING", "another way to decode")
     assert not split_features(TF, rows, str(tmp_path)).hit
-    assert len(list(tmp_path.iterdir())) == 8
+    assert len([entry for entry in tmp_path.iterdir() if entry.name != "openvino"]) == 8
+    assert len(list((tmp_path / "openvino").iterdir())) == 1  # the backbone, converted once for OpenVINO
 
 
 @pytest.mark.parametrize("width, height, shorter", [(1200, 900, 113), (300, 260, 65), (100, 40, 40)])
@@ -145,7 +146,7 @@ def test_non_finite_features_are_refused(rows, tmp_path, monkeypatch):
                 out[-1] = np.nan
             return out
 
-    monkeypatch.setattr(features, "_runner", lambda backbone: (NaNs(), digest, build))
+    monkeypatch.setattr(features, "_runner", lambda backbone, cache_dir: (NaNs(), digest, build))
     with pytest.raises(PipelineError, match="non-finite features"):
         split_features(TF, rows, str(tmp_path), batch_size=4)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
@@ -164,6 +165,30 @@ def test_an_engine_past_its_error_bound_stops_in_one_line(rows):
     assert engine.check_against_reference(runner, build, images) == 0.0
     with pytest.raises(PipelineError, match="differs from TensorFlow float32 by 50.00%"):
         engine.check_against_reference(Off(), build, images)
+
+
+@pytest.mark.skipif(not engine.has_openvino(), reason="OpenVINO is not installed")
+def test_a_converted_model_is_kept_and_read_back_instead_of_converted_again(rows, tmp_path, monkeypatch, capsys):
+    images = load_images(rows["path"][:3], 32)
+    first = engine.compile_model(TF.build, "openvino", "float32", tmp_path)
+    [kept] = tmp_path.iterdir()
+    converted, convert = [], engine._convert
+    monkeypatch.setattr(engine, "_convert", lambda model: converted.append(model) or convert(model))
+    again = engine.compile_model(TF.build, "openvino", "float32", tmp_path)
+    assert converted == [] and np.array_equal(again(images), first(images))
+    engine.compile_model(replace(TF, seed=1).build, "openvino", "float32", tmp_path)  # other weights
+    assert len(converted) == 1 and len(list(tmp_path.iterdir())) == 2
+    weights = (kept / "model.bin").read_bytes()
+    damaged = bytearray(weights)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (kept / "model.bin").write_bytes(damaged)  # converted again, and kept whole
+    assert np.array_equal(engine.compile_model(TF.build, "openvino", "float32", tmp_path)(images), first(images))
+    assert len(converted) == 2 and (kept / "model.bin").read_bytes() == weights
+    assert "is damaged: converting again" in capsys.readouterr().out
+    (tmp_path / "file").write_text("not a folder")  # cannot keep it there: a note, and it runs
+    assert np.array_equal(engine.compile_model(TF.build, "openvino", "float32", tmp_path / "file")(images),
+                          first(images))
+    assert "could not keep the converted model" in capsys.readouterr().out
 
 
 def test_auto_engine_is_openvino_on_a_cpu_where_installed():
