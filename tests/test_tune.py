@@ -246,6 +246,35 @@ def test_bad_parameter_is_one_line(args, message):
     assert lines[0].startswith("Error: ") and message in lines[0]
 
 
+def report_what_it_took_over(inherited) -> None:
+    """A trial process's first step (pipeline.trial.run_trial), then what it has."""
+    inherited.adopt()
+    print(f"env={os.environ.get('PIPELINE_PROBE')} cwd={os.getcwd()} path={sys.path[0]}", flush=True)
+
+
+@pytest.mark.slow
+def test_a_forked_trial_process_has_its_workers_environment_folder_and_output_of_the_moment(tmp_path, monkeypatch,
+                                                                                           capfd):
+    from pipeline.trial import FromWorker, _forkserver
+
+    saved = os.dup(1)
+    with open(tmp_path / "server.out", "w") as elsewhere:  # the server's stdout, unless an earlier test started it
+        os.dup2(elsewhere.fileno(), 1)
+        try:
+            context = _forkserver()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    monkeypatch.setenv("PIPELINE_PROBE", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    process = context.Process(target=report_what_it_took_over, args=(FromWorker(),))
+    process.start()
+    process.join()
+    assert process.exitcode == 0
+    assert f"env=set after the server started cwd={tmp_path} path={tmp_path / 'modules'}" in capfd.readouterr().out
+
+
 @pytest.mark.slow
 def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_path, capfd):
     cfg = tiny_config(make_dataset(tmp_path / "tuneshapes", n=8), tmp_path / "optuna.db", n_trials=4)
