@@ -1,7 +1,6 @@
 """tune: the grid's points first, pruned and complete trials as child runs, resuming after kill -9,
 two workers on one journal study, dead trials recognised, one-line errors."""
 
-import functools
 import os
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import _key, grid, point_configs
 from pipeline.liveness import is_dead, owner_key
-from pipeline.study import (Job, fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
+from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
                             seed_sampler, suggest)
 from pipeline.tune import grid_trials, start_study, tune
 
@@ -359,14 +358,26 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     assert "trial 1: its process is gone, marked FAIL" in out and "continuing the interrupted tune run" in out
 
 
+class WaitForASecondWorker(optuna.pruners.BasePruner):
+    """Never prunes; holds a trial at its first epoch until trials of two workers exist (at most
+    five minutes). A spawned worker's first trial starts an interpreter's start and its
+    forkserver's imports after the first worker's, whose trial processes fork at once from a
+    forkserver an earlier test started: it would otherwise run every trial of a small study."""
+
+    def prune(self, study, trial):
+        deadline = time.time() + 300
+        while len({t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False)} - {None}) < 2:
+            if time.time() > deadline:
+                break
+            time.sleep(0.5)
+        return False
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_journal_study(tmp_path, monkeypatch):
-    # One trial per process: the spawned worker starts its first trial process two interpreter
-    # starts after the first worker's, which would otherwise run every trial of a small study.
-    monkeypatch.setattr("pipeline.tune.Job", functools.partial(Job, trials_per_process=1))
+def test_two_workers_share_one_journal_study(tmp_path):
     cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=3,
                       pruner="none", workers=2)
-    result = tune(cfg)
+    result = tune(cfg, pruner=WaitForASecondWorker())
     trials = trials_of(cfg, result.study_name)
     assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
