@@ -58,12 +58,12 @@ MAX_RETRY = 2  # a trial whose process dies is run again at most this often
 RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
-TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial, an interpreter's start costs seconds
+TRIALS_PER_PROCESS = 10  # then a fresh process: memory grows ~30 MB a trial; a fresh one starts in ~0.6 s (Linux)
 
 
 @dataclass(frozen=True)
 class Job:
-    """What a worker, and each trial's process, needs: picklable, for spawned processes."""
+    """What a worker, and each trial's process, needs: picklable, for the processes it goes to."""
     cfg: TuneConfig
     study_name: str
     data_uri: str  # the parent run's prepared data
@@ -278,8 +278,9 @@ def worker_id() -> str:
 
 
 def die_with_parent() -> None:
-    """Linux: be killed with the worker that started this process, even by kill -9, so that no
-    orphan goes on with a trial that the next run should mark FAIL and run again."""
+    """Linux: be killed with the parent process (a spawned worker: with the tune command), even
+    by kill -9, so that no orphan worker goes on starting trials. Trial processes, whose parent
+    is a forkserver, use pipeline.trial.die_with_worker."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -163,15 +163,15 @@ def _spawned_worker(job: Job, index: int) -> None:
 
 def work(job: Job, index: int) -> None:
     """A worker: run trials in processes of its own (pipeline.trial: a fresh one every
-    job.trials_per_process trials), until the study is done
+    job.trials_per_process trials, forked from the worker's forkserver, which has imported
+    TensorFlow and the rest once), until the study is done
     (n_trials finished, none running: other workers' trials, here or on other machines, count,
     and a worker waits for them, since a dead one is failed and retried) or cfg.timeout has passed.
     A stop (SIGTERM, SIGINT) is passed on to the running trial, which ends cleanly first."""
-    from pipeline.trial import run_trial
+    from pipeline.trial import start_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, me = open_study(job.cfg, job.study_name), worker_id()
-    context = multiprocessing.get_context("spawn")
     deadline = time.time() + job.cfg.timeout if job.cfg.timeout else None  # the trial processes stop there too
     while True:
         if deadline is not None and time.time() > deadline:
@@ -185,8 +185,7 @@ def work(job: Job, index: int) -> None:
         if counted(study) >= job.cfg.n_trials:
             time.sleep(POLL_S)  # other workers' trials decide whether one more is needed
             continue
-        trial = context.Process(target=run_trial, args=(job, me, index, deadline), name="tune trial")
-        trial.start()
+        trial = start_trial(job, me, index, deadline)
         try:
             trial.join()
         except KeyboardInterrupt:

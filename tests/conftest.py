@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
 import contextlib
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -93,6 +94,9 @@ def tracking_store(tmp_path_factory):
     working directory); tests keep apart by experiment name."""
     folder = tmp_path_factory.mktemp("mlflow")
     os.chdir(folder)
+    # multiprocessing's own temporary folder (a forkserver's socket, pipeline.trial) stays where
+    # it was: multiprocessing removes it at exit, after pytest has removed this session's folder.
+    multiprocessing.util.get_temp_dir()
     # MLflow downloads artifacts into temporary folders it never removes: keep them in this
     # session's folder, which pytest deletes (tmp_path_retention_policy in pyproject.toml).
     (folder / "tmp").mkdir()

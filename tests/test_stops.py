@@ -109,9 +109,23 @@ def test_a_live_parent_is_never_taken_and_an_ended_one_by_one_command_only():
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
+    """The command in a session of its own, whose id is its pid: its processes can be found after it died."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, env=env)
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=out, env=env,
+                                start_new_session=True)
+
+
+def left_in(session: int) -> list[str]:
+    """The command lines of the processes of a session still there (zombies' are empty)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == session:
+                left.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:200])
+        except (OSError, ValueError, IndexError):
+            continue
+    return left
 
 
 def wait_for_training(process: subprocess.Popen, experiment: str, log: Path, seconds: float = 240) -> None:
@@ -140,6 +154,12 @@ def test_a_stopped_command_leaves_no_running_run_of_a_dead_process(tmp_path, com
     wait_for_training(process, experiment, log)
     process.send_signal(sig)
     process.wait(timeout=120)
+    # Nothing of the command stays: tune's trial process dies with its worker (its parent is the
+    # worker's forkserver), then the forkserver and multiprocessing's resource tracker end.
+    deadline = time.time() + 30
+    while (stray := left_in(process.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not stray, stray
     runs = mlflow.search_runs(experiment_names=[experiment])
     output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
@@ -159,10 +179,6 @@ def test_a_stopped_command_leaves_no_running_run_of_a_dead_process(tmp_path, com
 
     left = runs[runs["status"] == "RUNNING"]
     assert len(left)  # what the next command must repair
-    # A tune trial's run belongs to the trial's own process, which dies with its worker (a moment later).
-    deadline = time.time() + 30
-    while not all(map(liveness.is_dead, left[f"tags.{liveness.OWNER_KEY}"])) and time.time() < deadline:
-        time.sleep(0.1)
     prepare(PrepareConfig(dataset=str(root), experiment=experiment))  # the next command, as the CLI calls it
     after = mlflow.search_runs(experiment_names=[experiment])
     assert not (after["status"] == "RUNNING").any()

@@ -1,7 +1,6 @@
 """tune: the grid's points first, pruned and complete trials as child runs, resuming after kill -9,
 two workers on one journal study, dead trials recognised, one-line errors."""
 
-import functools
 import os
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import _key, grid, point_configs
 from pipeline.liveness import is_dead, owner_key
-from pipeline.study import (Job, fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
+from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
                             seed_sampler, suggest)
 from pipeline.tune import grid_trials, start_study, tune
 
@@ -246,6 +245,35 @@ def test_bad_parameter_is_one_line(args, message):
     assert lines[0].startswith("Error: ") and message in lines[0]
 
 
+def report_what_it_took_over(inherited) -> None:
+    """A trial process's first step (pipeline.trial.run_trial), then what it has."""
+    inherited.adopt()
+    print(f"env={os.environ.get('PIPELINE_PROBE')} cwd={os.getcwd()} path={sys.path[0]}", flush=True)
+
+
+@pytest.mark.slow
+def test_a_forked_trial_process_has_its_workers_environment_folder_and_output_of_the_moment(tmp_path, monkeypatch,
+                                                                                           capfd):
+    from pipeline.trial import FromWorker, _forkserver
+
+    saved = os.dup(1)
+    with open(tmp_path / "server.out", "w") as elsewhere:  # the server's stdout, unless an earlier test started it
+        os.dup2(elsewhere.fileno(), 1)
+        try:
+            context = _forkserver()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    monkeypatch.setenv("PIPELINE_PROBE", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    process = context.Process(target=report_what_it_took_over, args=(FromWorker(),))
+    process.start()
+    process.join()
+    assert process.exitcode == 0
+    assert f"env=set after the server started cwd={tmp_path} path={tmp_path / 'modules'}" in capfd.readouterr().out
+
+
 @pytest.mark.slow
 def test_tune_runs_grid_points_first_and_records_pruned_and_complete_trials(tmp_path, capfd):
     cfg = tiny_config(make_dataset(tmp_path / "tuneshapes", n=8), tmp_path / "optuna.db", n_trials=4)
@@ -330,14 +358,26 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     assert "trial 1: its process is gone, marked FAIL" in out and "continuing the interrupted tune run" in out
 
 
+class WaitForASecondWorker(optuna.pruners.BasePruner):
+    """Never prunes; holds a trial at its first epoch until trials of two workers exist (at most
+    five minutes). A spawned worker's first trial starts an interpreter's start and its
+    forkserver's imports after the first worker's, whose trial processes fork at once from a
+    forkserver an earlier test started: it would otherwise run every trial of a small study."""
+
+    def prune(self, study, trial):
+        deadline = time.time() + 300
+        while len({t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False)} - {None}) < 2:
+            if time.time() > deadline:
+                break
+            time.sleep(0.5)
+        return False
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_journal_study(tmp_path, monkeypatch):
-    # One trial per process: the spawned worker starts its first trial process two interpreter
-    # starts after the first worker's, which would otherwise run every trial of a small study.
-    monkeypatch.setattr("pipeline.tune.Job", functools.partial(Job, trials_per_process=1))
+def test_two_workers_share_one_journal_study(tmp_path):
     cfg = tiny_config(make_dataset(tmp_path / "workshapes", n=8), tmp_path / "study.journal", n_trials=3,
                       pruner="none", workers=2)
-    result = tune(cfg)
+    result = tune(cfg, pruner=WaitForASecondWorker())
     trials = trials_of(cfg, result.study_name)
     assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
