@@ -52,8 +52,11 @@ def stop_on_signals() -> None:
         return
 
     def stop(signum, frame):
-        for sig in (signal.SIGTERM, signal.SIGINT):  # once: a second signal must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
+        # Once: a second signal must not cut the clean-up short. A handler that does nothing rather
+        # than SIG_IGN: one already received (Ctrl-C's SIGINT and the worker's SIGTERM come together)
+        # would otherwise print "OSError: Signal 15 ignored due to race condition".
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         raise Stopped(signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,6 +61,16 @@ def builder_of(model: keras.Model, config: dict, n_classes: int):
     return build
 
 
+def backbone_policy(model: keras.Model) -> str | None:
+    """The dtype policy a model of build_model's computes its backbone in (the policy of the
+    backbone's layers: a loaded model's backbone itself reports float32), None without one."""
+    try:
+        backbone = model.get_layer("resnet50")
+    except ValueError:
+        return None
+    return next((layer.dtype_policy.name for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)), None)
+
+
 def feature_model(weights: str, image_size: int, seed: int, policy: str) -> keras.Model:
     """image -> the frozen backbone's features (ResNet50 preprocessing, then ResNet50) in a dtype
     policy: what the feature cache stores. The same weights as build_model's backbone."""

@@ -8,15 +8,18 @@ file descriptor instead, which also covers the trial processes it starts. Real e
 """
 
 import atexit
+import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 
 # absl's C++ log format: severity, date, time, thread, file:line]
 CPP_LOG = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^ ]+:\d+\] ")
 NOISE = (rb"All log messages before absl::InitializeLog()", rb"use_unbounded_threadpool", rb"FAILED_PRECONDITION",
          rb"oneDNN supports DT_HALF", rb"retracing")
+END = b"\0pipeline: end of the filtered stderr"  # the last line restore() sends through the filter
 
 
 def quiet() -> None:
@@ -44,24 +47,36 @@ def _filter_stderr() -> None:
     os.environ["PIPELINE_STDERR_FILTERED"] = str(os.getpid())
     original = os.dup(2)
     read, write = os.pipe()
-    os.dup2(write, 2)
-    os.close(write)
+    os.dup2(write, 2)  # write stays open (not inherited): restore's end line goes into this pipe
+
+    drained = threading.Event()
 
     def forward():
         rest = b""
         while chunk := os.read(read, 65536):
             *lines, rest = (rest + chunk).split(b"\n")
+            ended = [line for line in lines if END in line]
+            lines = [line.replace(END, b"") for line in lines if line != END]
             kept = b"".join(line + b"\n" for line in lines if not noise(line))
             if kept:
                 os.write(original, kept)
+            if ended:
+                drained.set()
         if rest and not noise(rest):
             os.write(original, rest)
 
-    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    thread.start()
+    threading.Thread(target=forward, name="stderr-filter", daemon=True).start()
 
     def restore():
-        os.dup2(original, 2)  # closes the pipe's last write end of this process: the reader drains and ends
-        thread.join(timeout=5)
+        """Forward what this process wrote, then write to the console directly. Not by closing
+        the pipe and waiting for the reader's end of file: the processes this one started
+        (multiprocessing's resource tracker and forkserver) hold the pipe until after it exits."""
+        with contextlib.suppress(OSError, ValueError):  # stderr closed
+            sys.stderr.flush()
+        os.write(write, END + b"\n")  # after what this process wrote, in the pipe's order
+        drained.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            if os.fstat(2).st_ino == os.fstat(write).st_ino:  # not if another has redirected it since (pytest)
+                os.dup2(original, 2)
 
     atexit.register(restore)

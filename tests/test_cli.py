@@ -5,6 +5,7 @@ import subprocess
 import urllib.error
 import urllib.request
 import sys
+import time
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -172,6 +173,25 @@ def test_quiet_drops_noise_and_keeps_errors():
     for line in (b"Error: invalid epochs=0: must be a positive number", b"Traceback (most recent call last):",
                  b"E0000 00:00:1.2 1 cuda.cc:1] CUDA error: out of memory", b"F0000 00:00:1.2 1 x.cc:1] Check failed"):
         assert not noise(line), line
+
+
+# A filtered process whose child (as multiprocessing's resource tracker and forkserver do) still
+# holds the filter's pipe until after the process exits; its last line has no newline.
+FILTERED_EXIT = """
+import subprocess, sys
+from pipeline.quiet import quiet
+quiet()
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL)  # ends when this process does
+sys.stderr.write("W0000 00:00:1.2 1 x.cc:1] noise\\nkept line\\nlast, unfinished")
+"""
+
+
+def test_a_filtered_process_forwards_its_stderr_and_exits_without_waiting_for_its_children():
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", FILTERED_EXIT], capture_output=True, cwd=ROOT, timeout=60)
+    assert time.monotonic() - started < 4, "waited for the child's end of the pipe"
+    assert done.stderr == b"kept line\nlast, unfinished\n" and done.returncode == 0
 
 
 def test_a_step_prints_its_tracking_store_first(tmp_path):

@@ -3,12 +3,17 @@
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import CLASSES, write_images
 
+import pipeline.model
+from pipeline.card import load_model
 from pipeline.config import PipelineError, PredictConfig
+from pipeline.engine import compile_classifier, compile_model
 from pipeline.liveness import REASON
+from pipeline.model import backbone_policy, builder_of
 from pipeline.predict import _write_atomically, predict
 
 CHAMPION = "models:/regshapes-resnet50@champion"
@@ -34,6 +39,21 @@ def test_predict_writes_probabilities_and_lists_unreadable_files(trained, tmp_pa
     assert sorted(Path(p).name for p in failed["path"]) == ["broken.png", "notes.txt"]
     assert failed[probabilities].isna().all().all() and failed["error"].str.len().gt(0).all()
     assert [p.name for p in output.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_a_loaded_model_runs_as_it_is_where_its_backbone_computes_in_the_engines_policy(trained, monkeypatch):
+    model, card, _ = load_model(CHAMPION)
+    policy, n = backbone_policy(model), len(card.class_names)
+    other = "float32" if policy != "float32" else "mixed_bfloat16"
+    images = np.random.default_rng(0).uniform(0, 255, (4, card.image_size, card.image_size, 3)).astype("float32")
+    rebuilt = compile_model(builder_of(model, card.config, n), "tensorflow", policy).run([images], np.empty((4, n)))
+    built, build_model = [], pipeline.model.build_model
+    monkeypatch.setattr(pipeline.model, "build_model", lambda *a, **k: built.append(k["precision"]) or build_model(*a, **k))
+    as_is = compile_classifier(model, card.config, n, "tensorflow", policy).run([images], np.empty((4, n)))
+    assert built == [] and as_is == pytest.approx(rebuilt, abs=1e-6)
+    compile_classifier(model, card.config, n, "tensorflow", other)
+    assert built == [other]
 
 
 @pytest.mark.slow
