@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import TrainConfig
-from pipeline.liveness import Stopped, beating, owner_tags, stop_on_signals
+from pipeline.liveness import REASON, Stopped, beating, owner_tags, stop_on_signals
 from pipeline.study import (Job, beat, claim_trial, counted, fail_dead_trials, locked, open_study, print_trial,
                             seed_sampler, suggest, worker_id)
 
@@ -185,8 +185,8 @@ class Objective:
         except optuna.TrialPruned:
             end_run(run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
             raise
-        except KeyboardInterrupt:
-            end_run(run_id, "FAIL")  # train's step_run ended it KILLED, with the reason
+        except KeyboardInterrupt as e:  # train's step_run ended it KILLED, unless the stop came before it began
+            end_run(run_id, "FAIL", "KILLED", **{REASON: str(e)})
             raise
         except BaseException:
             end_run(run_id, "FAIL", "FAILED")
