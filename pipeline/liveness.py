@@ -12,8 +12,9 @@ An owner is dead when
 - it is of another host: its heartbeat is older than its grace period.
 
 The next command on a store (`reap`) marks the RUNNING runs of dead owners FAILED, with the reason
-in the tag `pipeline.end_reason`. SIGTERM and SIGINT raise `Stopped` in the main thread, so the
-runs open in it end KILLED (tracking.step_run), leaving the state a rerun resumes.
+in the tag `pipeline.end_reason`. SIGTERM and SIGINT raise `Stopped` in the main thread (during
+Keras' fit, at its next batch: stops_deferred), so the runs open in it end KILLED
+(tracking.step_run), leaving the state a rerun resumes.
 
 Claims (`take`): a run that ended without finishing is taken over by logging the param
 `pipeline.taken.<its end time>` = owner key. MLflow refuses to change a param, so among
@@ -57,10 +58,39 @@ def stop_on_signals() -> None:
         # would otherwise print "OSError: Signal 15 ignored due to race condition".
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        raise Stopped(signal.Signals(signum).name)
+        _stop.signame = signal.Signals(signum).name
+        if not _stop.deferred:
+            raise Stopped(_stop.signame)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+
+
+class _Stop:
+    signame: str | None = None  # the stop signal received
+    deferred = 0  # inside stops_deferred
+
+
+_stop = _Stop()
+
+
+@contextmanager
+def stops_deferred():
+    """A stop received inside raises Stopped at the next check_stop (or as the block ends), not
+    wherever the signal lands: TensorFlow's context managers, entered or left half-way, raise
+    their own error instead ("Exiting device scope without proper scope nesting")."""
+    _stop.deferred += 1
+    try:
+        yield
+    finally:
+        _stop.deferred -= 1
+    check_stop()
+
+
+def check_stop() -> None:
+    """Raise Stopped if a stop signal was received."""
+    if _stop.signame:
+        raise Stopped(_stop.signame)
 
 
 def owner_key(pid: int | None = None) -> str:

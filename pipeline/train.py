@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
-from pipeline import prepared
+from pipeline import liveness, prepared
 from pipeline.card import ModelCard, log_model
 from pipeline.config import LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
@@ -301,11 +301,22 @@ def _fit(model: keras.Model, train_data, val_data, job: _Job, first_epoch: int =
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=job.cfg.patience, min_delta=job.cfg.min_delta,
                                          restore_best_weights=True)
     start = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, initial_epoch=first_epoch,
-                        epochs=first_epoch + (epochs or job.cfg.epochs), class_weight=job.class_weight,
-                        callbacks=[stop, *job.callbacks], verbose=2,
-                        shuffle=False)  # the inputs shuffle themselves, seeded
+    with liveness.stops_deferred():
+        history = model.fit(train_data, validation_data=val_data, initial_epoch=first_epoch,
+                            epochs=first_epoch + (epochs or job.cfg.epochs), class_weight=job.class_weight,
+                            callbacks=[stop, StopWhenSignalled(), *job.callbacks], verbose=2,
+                            shuffle=False)  # the inputs shuffle themselves, seeded
     return history.history, time.perf_counter() - start
+
+
+class StopWhenSignalled(keras.callbacks.Callback):
+    """Raises Stopped after the batch during which a stop signal came (pipeline.liveness.stops_deferred)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        liveness.check_stop()
+
+    def on_test_batch_end(self, batch, logs=None):
+        liveness.check_stop()
 
 
 def _fit_on_images(model: keras.Model, job: _Job, learning_rate: float | None = None, first_epoch: int = 0,

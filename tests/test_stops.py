@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import mlflow
+import numpy as np
 import pytest
 from conftest import make_dataset, tiny_args
 
@@ -18,6 +20,7 @@ from pipeline import liveness
 from pipeline.config import PrepareConfig
 from pipeline.prepare import prepare
 from pipeline.tracking import claim
+from pipeline.train import StopWhenSignalled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +109,30 @@ def test_a_live_parent_is_never_taken_and_an_ended_one_by_one_command_only():
     time.sleep(0.01)
     client.set_terminated(live.info.run_id, "KILLED")  # it ended again: free to take once more
     assert claim("claims", tags, "tune", exclusive=False) == live.info.run_id
+
+
+def test_a_stop_during_fit_ends_it_after_the_batch_it_came_in(monkeypatch):
+    """Not wherever the signal lands: inside TensorFlow's context managers it became their own
+    RuntimeError (a traceback, the run FAILED instead of KILLED)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(liveness._stop, "signame", None)
+
+    class TermDuringBatch2(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    try:
+        liveness.stop_on_signals()
+        with pytest.raises(liveness.Stopped, match="stopped by SIGTERM"), liveness.stops_deferred():
+            model.fit(np.zeros((16, 3)), np.zeros((16, 2)), batch_size=4, verbose=0,
+                      callbacks=[TermDuringBatch2(), StopWhenSignalled()])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert int(model.optimizer.iterations) == 2  # batch 2 ran to its end
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
