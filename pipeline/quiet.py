@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 # absl's C++ log format: severity, date, time, thread, file:line]
 CPP_LOG = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^ ]+:\d+\] ")
@@ -29,6 +30,10 @@ def quiet() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating a new experiment", DB migrations
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # "... triggered tf.function retracing"
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # What the pipeline does on purpose (a Python object as python_model, predict without type
+    # hints) and what a small study gives Optuna's importance and plots: warnings, not errors.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(optuna|mlflow)\.")
     _filter_stderr()
 
 

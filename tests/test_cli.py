@@ -194,6 +194,23 @@ def test_a_filtered_process_forwards_its_stderr_and_exits_without_waiting_for_it
     assert done.stderr == b"kept line\nlast, unfinished\n" and done.returncode == 0
 
 
+LIBRARY_WARNINGS = """
+import logging, warnings
+from pipeline.quiet import quiet
+quiet()
+warnings.warn_explicit("small study", UserWarning, "evaluator.py", 1, module="optuna.importance._ped_anova")
+warnings.warn_explicit("no type hints", UserWarning, "data_validation.py", 1, module="mlflow.pyfunc.utils")
+logging.basicConfig()
+logging.getLogger("mlflow.pyfunc").warning("Passing a Python object as python_model")
+warnings.warn_explicit("ours", UserWarning, "train.py", 1, module="pipeline.train")
+"""
+
+
+def test_quiet_drops_library_warnings_about_what_the_pipeline_does_on_purpose():
+    done = subprocess.run([sys.executable, "-c", LIBRARY_WARNINGS], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stderr.strip().splitlines() == ["train.py:1: UserWarning: ours"], done.stderr
+
+
 def test_a_step_prints_its_tracking_store_first(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "report", "--dataset", "nothing-here"], capture_output=True,
                          text=True, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
