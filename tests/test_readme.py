@@ -5,8 +5,8 @@ blocks against the CLI and MLproject (step names, option names, values), without
 The slow one runs them, in order, in a new shell: the quick start's `export` first, then each
 command as written, with placeholders filled from the runs before it and the settings shrunk
 (few images, 32 px, one epoch, two trials, weights=none) so the whole README takes minutes.
-Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`, `python -m pipeline serve`) and
-benchmarks.
+Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`, `python -m pipeline serve`), the
+databases and services of a team's machines (`createdb`, `docker compose`, `kubectl`) and benchmarks.
 """
 
 import os
@@ -26,7 +26,8 @@ from pipeline.config import ServeConfig, parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "python -m pipeline serve", "mlflow server",
-           "python benchmarks/", "export ")
+           "python benchmarks/", "export ", "createdb ", "kubectl ")
+DEPLOYS = ("docker compose ",)  # start services and workers on a team's machines (after a VAR=value prefix)
 OFFLINE = "Error: weights=imagenet, but the ImageNet weights cannot be downloaded here"
 # What the slow run sets for every step that takes the parameter: the README's commands, shrunk.
 SHRINK = {"max_per_class": "8", "image_size": "32", "epochs": "1", "weights": "none", "n_trials": "2",
@@ -42,7 +43,8 @@ def readme_commands() -> list[str]:
 
 
 def runs(command: str) -> bool:
-    return not (command.startswith(NOT_RUN) or "benchmarks/" in command or "@dbhost" in command)
+    return not (command.startswith(NOT_RUN) or "benchmarks/" in command or "@dbhost" in command
+                or any(deploy in command for deploy in DEPLOYS))
 
 
 def step_and_params(command: str) -> tuple[str, dict[str, str]] | None:
