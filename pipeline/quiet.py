@@ -60,7 +60,7 @@ def _filter_stderr() -> None:
         rest = b""
         while chunk := os.read(read, 65536):
             *lines, rest = (rest + chunk).split(b"\n")
-            ended = [line for line in lines if END in line]
+            ended = any(END in line for line in lines)
             lines = [line.replace(END, b"") for line in lines if line != END]
             kept = b"".join(line + b"\n" for line in lines if not noise(line))
             if kept:
