@@ -5,10 +5,14 @@ blocks against the CLI and MLproject (step names, option names, values), without
 The slow one runs them, in order, in a new shell: the quick start's `export` first, then each
 command as written, with placeholders filled from the runs before it and the settings shrunk
 (few images, 32 px, one epoch, two trials, weights=none) so the whole README takes minutes.
-Not run: installs, pytest, servers (`mlflow ui`, `mlflow models serve`, `python -m pipeline serve`), the
+`python -m pipeline serve` runs in the background on a free port (its clients' URLs changed to it)
+until the test ends; the serving block's `cell.jpeg` is a blood cell of the dataset's test folder,
+and the curl's answer must name one of the dataset's classes.
+Not run: installs, pytest, the other servers (`mlflow ui`, `mlflow models serve`, `mlflow server`), the
 databases and services of a team's machines (`createdb`, `docker compose`, `kubectl`) and benchmarks.
 """
 
+import json
 import os
 import re
 import shlex
@@ -20,13 +24,15 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import make_dataset
+from conftest import free_port, make_dataset, stop_group
 from pipeline import cli as cli_module
 from pipeline.config import ServeConfig, parameters
+from pipeline.datasets import locate
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "python -m pipeline serve", "mlflow server",
-           "python benchmarks/", "export ", "createdb ", "kubectl ")
+NOT_RUN = ("pip ", "pytest", "mlflow ui", "mlflow models serve", "mlflow server", "python benchmarks/", "export ",
+           "createdb ", "kubectl ")
+README_PORT = "5001"  # of `python -m pipeline serve` and its clients; the slow run serves on a free port
 OFFLINE = "Error: weights=imagenet, but the ImageNet weights cannot be downloaded here"
 # What the slow run sets for every step that takes the parameter: the README's commands, shrunk.
 SHRINK = {"max_per_class": "8", "image_size": "32", "epochs": "1", "weights": "none", "n_trials": "2",
@@ -37,7 +43,7 @@ def readme_commands() -> list[str]:
     """The shell commands of the README's bash blocks, in order, comments dropped, `a && b` split."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     text = "\n".join(blocks).replace("\\\n", " ")  # a line ending in \ goes on on the next
-    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
+    lines = [re.sub(r"(^|\s+)#.*$", "", line).strip() for line in text.splitlines()]
     return [command.strip() for line in lines if line for command in line.split(" && ")]
 
 
@@ -121,6 +127,7 @@ def fill(command: str, seen: dict[str, str], folder: Path, store: str) -> str:
 def test_readme_runs_top_to_bottom_in_a_new_shell(tmp_path):
     """Every command runs and exits 0 in a new shell (the quick start's export first), except
     the ones the README says fail: none among its bash blocks."""
+    from test_serve import wait_for_ping  # here: test_serve imports TensorFlow, which the fast test does not need
     export = next(c for c in readme_commands() if c.startswith("export "))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_RUN", "MLFLOW_EXP"))}
     for checkout in (ROOT, main_checkout()):  # a git worktree lies elsewhere than its main checkout
@@ -135,18 +142,40 @@ def test_readme_runs_top_to_bottom_in_a_new_shell(tmp_path):
     # `mlflow run` runs its command in the project's folder, which gets optuna.db and mlruns/: a copy's
     project = shutil.copytree(ROOT, tmp_path / "project", ignore=shutil.ignore_patterns(".*", "__pycache__", "mlruns",
                                                                                         "mlartifacts", "*.db", "tests"))
-    seen = {}
-    for command in filter(runs, readme_commands()):
-        shrunk = shrink(command, project) if step_and_params(command) else command
-        run = fill(shrunk, seen, tmp_path, env["MLFLOW_TRACKING_URI"])
-        done = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True)
-        if (step_and_params(command) or ("", {}))[1].get("weights") == "imagenet":  # offline here
-            assert done.returncode != 0 and OFFLINE in done.stderr.splitlines()[-1], run
-            continue
-        assert done.returncode == 0, f"{command}\n-> {run}\n{done.stderr[-2000:]}"
-        assert not re.search(r"E0000|FAILED_PRECONDITION|retracing", done.stdout + done.stderr), run
-        dataset = (step_and_params(command) or ("", {}))[1].get("dataset")
-        if dataset and (m := re.search(r"runs:/(\w+)/data", done.stdout)):  # a step that prepared data
-            seen["prepare"] = seen[f"prepare:{dataset}"] = m.group(1)
-        if m := re.search(r"model_uri=models:/m-(\w+)", done.stdout):
-            seen["model"] = m.group(1)
+    seen, server, port = {}, None, README_PORT
+    try:
+        for command in filter(runs, readme_commands()):
+            if command.startswith("python -m pipeline serve"):  # in the background; a real JPEG for its clients
+                port = str(free_port())
+                source = locate(re.search(r"models:/(\w+)-resnet50", command).group(1), env["PIPELINE_DATA_DIR"])
+                classes = {folder.name for folder in source.train.iterdir()}
+                shutil.copy(min(source.test.glob("*/*.jpeg")), tmp_path / "cell.jpeg")
+                serve = "exec " + command.replace(f"--port {README_PORT}", f"--port {port}")
+                with open(tmp_path / "serve.log", "w") as log:  # its own session: stop_group ends uvicorn's workers
+                    server = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True)
+                wait_for_ping(f"http://127.0.0.1:{port}", server, tmp_path / "serve.log")
+                continue
+            shrunk = shrink(command, project) if step_and_params(command) else command
+            run = fill(shrunk, seen, tmp_path, env["MLFLOW_TRACKING_URI"]).replace(f"127.0.0.1:{README_PORT}/",
+                                                                                   f"127.0.0.1:{port}/")
+            done = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True)
+            if (step_and_params(command) or ("", {}))[1].get("weights") == "imagenet":  # offline here
+                assert done.returncode != 0 and OFFLINE in done.stderr.splitlines()[-1], run
+                continue
+            assert done.returncode == 0, f"{command}\n-> {run}\n{done.stderr[-2000:]}"
+            assert not re.search(r"E0000|FAILED_PRECONDITION|retracing", done.stdout + done.stderr), run
+            if "/invocations" in command:  # the served model's answer: the class of cell.jpeg
+                try:
+                    row = json.loads(done.stdout)["predictions"][0]
+                except (ValueError, TypeError, LookupError):
+                    pytest.fail(f"{run}\n-> not an answer with predictions:\n{done.stdout[:2000]}")
+                assert row["predicted"] in classes and row["error"] is None, f"{run}\n-> {done.stdout[:2000]}"
+            dataset = (step_and_params(command) or ("", {}))[1].get("dataset")
+            if dataset and (m := re.search(r"runs:/(\w+)/data", done.stdout)):  # a step that prepared data
+                seen["prepare"] = seen[f"prepare:{dataset}"] = m.group(1)
+            if m := re.search(r"model_uri=models:/m-(\w+)", done.stdout):
+                seen["model"] = m.group(1)
+    finally:
+        if server:
+            stop_group(server)
