@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from pipeline.config import PipelineError
 
@@ -31,6 +31,7 @@ class Preset:
     train: str = ""  # sub-folder of root with the training classes ("" : classes sit in root)
     test: str = ""  # sub-folder of root with the official test classes ("" : none)
     images: str = ""  # sub-folder of each class folder holding its images ("" : the class folder)
+    group: str = ""  # regex whose group 1 in a file name names the source image it was made from ("" : none)
 
 
 PRESETS = {
@@ -39,6 +40,9 @@ PRESETS = {
         root="dataset2-master/dataset2-master/images",
         train="TRAIN",
         test="TEST",
+        # _<cell>_<n>.jpeg: TRAIN holds about 35 augmented crops of each of 277 cells, so a validation
+        # split that shares cells with train scores some 15 points above the official TEST's cells
+        group=r"^_(\d+)_",
     ),
     "covid19": Preset(
         kaggle="tawsifurrahman/covid19-radiography-database",
@@ -57,6 +61,7 @@ class Source:
     test: Path | None
     images: str = ""
     val: Path | None = None  # the official validation classes, if any
+    group: str = ""  # the preset's group: images made from one source image are held out together
 
     def pools(self) -> dict[str, Path]:
         """Folder of each pool the dataset has: train, and val and test if it has them."""
@@ -108,7 +113,7 @@ def _preset_source(name: str, preset: Preset, data_dir: str) -> Source:
 def _preset_at(name: str, preset: Preset, base: Path) -> Source:
     root = (base / preset.root).resolve()
     test = root / preset.test if preset.test else None
-    return Source(name, root / preset.train, test, preset.images)
+    return Source(name, root / preset.train, test, preset.images, group=preset.group)
 
 
 def _download(name: str, preset: Preset) -> Path:
@@ -352,7 +357,8 @@ def cap(files: pd.DataFrame, max_per_class: int, seed: int) -> pd.DataFrame:
     return pd.concat([capped, files[skipped]]).sort_values("path")
 
 
-def split(files: pd.DataFrame, how: str, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+def split(files: pd.DataFrame, how: str, val_fraction: float, test_fraction: float, seed: int,
+          group: str = "") -> pd.DataFrame:
     """Assign each image to train, val or test, stratified by label; returns path, label, split, sha1.
 
     auto/official: the official test pool (a test folder) is the test split, else (auto only)
@@ -360,40 +366,64 @@ def split(files: pd.DataFrame, how: str, val_fraction: float, test_fraction: flo
     val folder) is the val split, else val_fraction of what is left of the train pool.
     random: all images, official folders included, are pooled, then test_fraction of them is held
     out for test and val_fraction of the rest for validation.
+    group (a regex, unless random): images whose file names give the same group 1 in one class
+    come from one source image, and a held-out split takes all of them or none (scikit-learn's
+    StratifiedGroupKFold: its first fold of round(1 / fraction), so the fraction is approximate).
     """
     has = set(files["pool"])
     if how == "official" and "test" not in has:
         raise PipelineError("split=official but the dataset has no official test folder: use split=random")
     files = files.sort_values("path").reset_index(drop=True)
     pool = files if how == "random" else files[files["pool"] == "train"]
+    group = "" if how == "random" else group
     if how != "random" and "test" in has:
         test = files[files["pool"] == "test"]
     else:
-        pool, test = _stratified(pool, test_fraction, seed, "test")
+        pool, test = _stratified(pool, test_fraction, seed, "test", group)
     if how != "random" and "val" in has:
         train, val = pool, files[files["pool"] == "val"]
     else:
-        train, val = _stratified(pool, val_fraction, seed, "validation")
+        train, val = _stratified(pool, val_fraction, seed, "validation", group)
     parts = [train.assign(split="train"), val.assign(split="val"), test.assign(split="test")]
     return pd.concat(parts)[["path", "label", "split", "sha1"]].reset_index(drop=True)
 
 
-def split_sources(files: pd.DataFrame, how: str) -> dict[str, str]:
+def split_sources(files: pd.DataFrame, how: str, group: str = "") -> dict[str, str]:
     """How split made each split of files, in words, for prepare's output."""
     has = set(files["pool"])
     official = {name: how != "random" and name in has for name in ("val", "test")}
+    held = "held out by source image, stratified" if group and how != "random" else "held out at random, stratified"
     return {"train": "the train folder" if any(official.values()) else "all images",
-            "val": "the official validation folder" if official["val"] else "held out at random, stratified",
-            "test": "the official test folder" if official["test"] else "held out at random, stratified"}
+            "val": "the official validation folder" if official["val"] else held,
+            "test": "the official test folder" if official["test"] else held}
 
 
-def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str):
+def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str, group: str = ""):
+    if group:
+        return _grouped(frame, fraction, seed, what, group)
     try:
         return train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame["label"])
     except ValueError as e:
         counts = frame["label"].value_counts()
         raise PipelineError(f"cannot hold out {fraction:g} for {what} with {counts.min()} image(s) in class "
                             f"{counts.idxmin()!r} of {len(frame)} ({e}): add images or change the fractions") from None
+
+
+def _grouped(frame: pd.DataFrame, fraction: float, seed: int, what: str, group: str):
+    """Hold out about fraction of frame, stratified, keeping each source image's files together."""
+    source = frame["path"].map(lambda path: Path(path).name).str.extract(group, expand=False)
+    groups = frame["label"] + "/" + source.fillna(frame["path"])  # a name without a group: its own
+    folds = StratifiedGroupKFold(max(2, round(1 / fraction)), shuffle=True, random_state=seed)
+    sources = groups.groupby(frame["label"]).nunique()
+    try:
+        kept, held = next(folds.split(frame, frame["label"], groups))
+    except ValueError:  # fewer source images than folds
+        kept = held = []
+    if any(set(frame["label"]) - set(frame["label"].iloc[part]) for part in (kept, held)):
+        raise PipelineError(f"cannot hold out {fraction:g} for {what} by source image: class {sources.idxmin()!r} has "
+                            f"images of {sources.min()} source image(s), too few for both sides: add images of "
+                            "other sources or change the fractions")
+    return frame.iloc[kept], frame.iloc[held]
 
 
 def digest(manifest: pd.DataFrame) -> str:

@@ -41,12 +41,12 @@ def prepare(cfg: PrepareConfig, run_id: str | None = None) -> PrepareResult:
         files = datasets.cap(files, cfg.max_per_class, cfg.seed)
         usable, skipped = datasets.check_images(files)
         _require_every_class(files, usable)
-        manifest = datasets.split(usable, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        manifest = datasets.split(usable, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed, source.group)
         data = PreparedData(source.name, datasets.digest(manifest), sorted(manifest["label"].unique()), manifest,
                             root=data_root(source))
         counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(columns=["train", "val", "test"])
         _log(data, counts, skipped)
-    _print(counts, datasets.split_sources(usable, cfg.split), skipped)
+    _print(counts, datasets.split_sources(usable, cfg.split, source.group), skipped)
     return PrepareResult(run.info.run_id, f"runs:/{run.info.run_id}/{ARTIFACT_PATH}", data.digest, counts,
                          len(skipped))
 

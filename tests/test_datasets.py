@@ -134,6 +134,28 @@ def test_random_split_pools_the_official_test(tmp_path):
         usable(make_dataset(tmp_path / "flat", n=4), how="official")
 
 
+def crops(root, sources: int, per_source: int = 5):
+    """A folder of class subfolders whose files are crops named as blood_cells': _<source>_<n>.png."""
+    for label in CLASSES:
+        for paths in [write_images(root / label, label, per_source, seed=s) for s in range(sources)]:
+            for n, path in enumerate(paths):
+                path.rename(path.with_name(f"_{paths[0].stem.split('_')[1]}_{n}.png"))
+    return root
+
+
+def test_a_group_pattern_holds_out_every_crop_of_a_source_together(tmp_path):
+    root = crops(tmp_path / "crops", sources=10)
+    source = lambda m: m["label"] + m["path"].str.extract(r"/_(\d+)_[^/]*$")[0]  # noqa: E731
+    grouped = usable(root, group=r"^_(\d+)_")
+    parts = {split: set(source(grouped[grouped["split"] == split])) for split in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+    assert pd.crosstab(grouped["label"], grouped["split"]).gt(0).all().all()  # every class on every side
+    mixed = usable(root)  # no pattern: crops of one source land on both sides
+    assert set(source(mixed[mixed["split"] == "train"])) & set(source(mixed[mixed["split"] == "val"]))
+    with pytest.raises(PipelineError, match="cannot hold out 0.25 for test by source image: class 'cat' has images of 1"):
+        usable(crops(tmp_path / "one", sources=1), group=r"^_(\d+)_")
+
+
 def test_too_few_images_to_split_is_a_clear_error(tmp_path):
     root = make_dataset(tmp_path / "small", n=1)
     with pytest.raises(PipelineError, match="cannot hold out"):
