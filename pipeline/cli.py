@@ -16,7 +16,7 @@ from dataclasses import MISSING
 import click
 
 from pipeline.config import (EvaluateConfig, GridConfig, LogModelConfig, MainConfig, PipelineError, PredictConfig, PrepareConfig,
-                             ReportConfig, ServeConfig, TrainConfig, TuneConfig, parameters)
+                             ReportConfig, ServeConfig, TrainConfig, TuneConfig, parameters, with_recipe)
 from pipeline.quiet import quiet
 from pipeline.storage import check_store, quiet_store_errors, write_error
 
@@ -59,7 +59,7 @@ def config_options(cls):
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with on_the_store():
-        cfg = cls(**options)  # before function(target), whose module may import TensorFlow
+        cfg = cls(**with_recipe(options, cls))  # before function(target), whose module may import TensorFlow
         if getattr(cfg, "weights", None) == "imagenet":
             check_imagenet_weights()
         check_store()

@@ -17,7 +17,16 @@ SPLITS = ("auto", "official", "random")
 POOLINGS = ("flatten", "avg")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
-AUGMENTS = ("none", "cells", "xray")
+AUGMENTS = ("none", "cells", "xray", "auto")
+AUGMENT_OF = {"blood_cells": "cells", "covid19": "xray"}  # augment=auto, by preset; other data: none
+SCHEDULES = ("constant", "cosine")
+# A recipe: values for the parameters a command leaves at their defaults (pipeline.cli). scratch:
+# ResNet50 from random weights, for machines that cannot fetch ImageNet's (benchmarks/accuracy.py).
+RECIPES = {
+    "scratch": {"weights": "none", "fine_tune": "all", "pooling": "avg", "hidden_layers": 0, "dropout": 0.2,
+                "image_size": 64, "batch_size": 64, "learning_rate": 2e-3, "epochs": 12, "patience": 12,
+                "augment": "auto", "label_smoothing": 0.1, "weight_decay": 0.05, "schedule": "cosine"},
+}
 CLASS_WEIGHTS = ("none", "balanced")
 PRUNERS = ("median", "hyperband", "none")
 ENGINES = ("auto", "openvino", "tensorflow")
@@ -90,6 +99,10 @@ CHECKS = {
     "min_delta": (lambda v: 0 <= v < 1, "must be a val_loss drop from 0 (any drop counts) to below 1, e.g. 1e-4"),
     "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
     "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1"),
+    "weight_decay": (lambda v: 0 <= v < 1, "must be in [0, 1): 0 (none) or a decoupled decay rate, e.g. 0.05"),
+    "schedule": (lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+    "recipe": (lambda v: v in ("", *RECIPES), f"must be empty (none) or one of {', '.join(RECIPES)}"),
     "finetune_epochs": (_within(0, EPOCHS_MAX), f"must be 0 (one phase) or a number of epochs for phase 2 up to "
                                                 f"{EPOCHS_MAX}, e.g. 5"),
     "finetune_learning_rate": (lambda v: 0 < v < 1, "must be a positive rate below 1, e.g. 1e-5"),
@@ -172,11 +185,16 @@ class ModelParams(_Config):
     engine: str = engine_param()
     feature_cache: str = param("auto", "auto: train a frozen backbone's head on cached features; off")
     cache_dir: str = param("", "feature cache folder; default: $PIPELINE_CACHE_DIR or ~/.cache/resnet50-pipeline")
-    augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray")
+    augment: str = param("none", "random augmentation layers, active in training only: none, cells, xray, or auto "
+                                 "(cells for blood_cells, xray for covid19, none for other data)")
     class_weight: str = param("none", "none, or balanced: weigh each class by the inverse of its train-split frequency")
     finetune_epochs: int = param(0, "0: one phase; N: train the head on the frozen backbone for epochs, then "
                                     "unfreeze fine_tune's layers for up to N more epochs")
     finetune_learning_rate: float = param(1e-5, "Adam learning rate of phase 2 (finetune_epochs > 0)")
+    label_smoothing: float = param(0.0, "share of each target spread evenly over the classes in the loss")
+    weight_decay: float = param(0.0, "decoupled weight decay of Adam (AdamW) per step, times the learning rate")
+    schedule: str = param("constant", "learning rate per step: constant, or cosine (one epoch of warm-up, then a "
+                                      "cosine decay to 0 over epochs; in phase 2 over finetune_epochs)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,12 +205,26 @@ class ModelParams(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class _Recipe(_Config):
+    recipe: str = param("", "a named set of values for the parameters left at their defaults: scratch (ResNet50 "
+                            "from random weights, at 64 px, augmented; see README, Accuracy)")
+
+
+def with_recipe(options: dict, cls) -> dict:
+    """options (a config's field values) with their recipe's values for the fields of cls left at
+    their defaults: a value passed that equals the default counts as left."""
+    recipe = RECIPES.get(options.get("recipe", ""), {})
+    defaults = {f.name: f.default for f in fields(cls)}
+    return {**options, **{k: v for k, v in recipe.items() if options.get(k, defaults[k]) == defaults[k]}}
+
+
+@dataclass(frozen=True, kw_only=True)
 class PrepareConfig(DataParams, _Experiment):
     pass
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(ModelParams, _Experiment):
+class TrainConfig(_Recipe, ModelParams, _Experiment):
     data: str = param(help="prepared-data URI printed by prepare, e.g. runs:/<id>/data")
 
 
@@ -219,18 +251,23 @@ class _Search(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MainConfig(ModelParams, DataParams, _Registry, _Experiment):
+class _Main(ModelParams, DataParams, _Registry, _Experiment):
     pass
 
 
 @dataclass(frozen=True, kw_only=True)
-class GridConfig(_Search, MainConfig):
+class MainConfig(_Recipe, _Main):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridConfig(_Search, _Main):
     """main's parameters; each grid point overrides hidden_layers, units and learning_rate."""
     VARIED: ClassVar[tuple[str, ...]] = ("hidden_layers", "units", "learning_rate")  # not parameters of the step
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneConfig(_Search, MainConfig):
+class TuneConfig(_Search, _Main):
     """main's parameters as the base of every trial, plus the study's own.
 
     The first trials are the grid's seven points (hidden_layers, units, learning_rate from

@@ -94,14 +94,15 @@ def compile_classifier(model: keras.Model, config: dict, n_classes: int, engine:
     """A Runner of a whole image-to-class model of pipeline.model, run as it is where its backbone
     computes in the policy the engine needs, else rebuilt in that policy from its TrainConfig values
     (config) with its own weights; engine as the user gave it (auto resolved).
+    Its augmentation layers, identity outside fit, are left out (model.for_inference).
     A model converted before (same architecture and weights) is read from cache_dir's ir_cache
     without rebuilding it; cache_dir None: convert, keep nothing (a model no one runs again)."""
-    from pipeline.model import backbone_policy, builder_of
+    from pipeline.model import backbone_policy, builder_of, for_inference
 
     rebuild = builder_of(model, config, n_classes)
 
     def build(policy: str) -> keras.Model:  # model itself where it computes in policy already
-        return model if policy == backbone_policy(model) else rebuild(policy)
+        return for_inference(model if policy == backbone_policy(model) else rebuild(policy))
     return compile_model(build, resolve_engine(engine), precision, None if cache_dir is None else ir_cache(cache_dir),
                          source=model)
 

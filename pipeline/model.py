@@ -47,6 +47,18 @@ def build_model(cfg: ModelParams, n_classes: int, head: keras.Model | None = Non
     return keras.Model(inputs, head(backbone(x)), name="resnet50_classifier")
 
 
+def for_inference(model: keras.Model) -> keras.Model:
+    """model without its "augment" layers (identity outside fit), sharing its other layers and
+    weights: what an engine runs. OpenVINO cannot convert the random layers' ops."""
+    names = [layer.name for layer in model.layers]
+    if "augment" not in names:
+        return model
+    x = inputs = keras.Input(model.inputs[0].shape[1:], name="image")
+    for layer in model.layers[names.index("augment") + 1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
 def builder_of(model: keras.Model, config: dict, n_classes: int):
     """build(dtype_policy) for pipeline.engine: model's architecture (from its TrainConfig values)
     rebuilt in a dtype policy, with model's own weights."""
@@ -107,12 +119,42 @@ def backbone_identity(weights: str, seed: int) -> str:
         return f"file sha256 {hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
 
 
-def compile_for_training(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
-    """Adam and sparse cross-entropy. A head on cached features runs many small steps: several per
-    call (steps_per_execution, the same updates in the same order) halve its epoch time. No XLA:
-    Keras turns it off (and warns) under the op determinism that train turns on."""
-    model.compile(optimizer=FusedAdam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
+def compile_for_training(model: keras.Model, learning_rate: float, steps_per_execution: int = 1, *,
+                         label_smoothing: float = 0.0, weight_decay: float = 0.0, schedule: str = "constant",
+                         epochs: int = 1, steps_per_epoch: int = 1) -> None:
+    """Adam (decoupled weight decay with weight_decay > 0, as AdamW) and sparse cross-entropy (with
+    label_smoothing, the one-hot targets' 1 - label_smoothing spread evenly over the classes).
+    schedule: constant, or cosine (one epoch of linear warm-up to learning_rate, then a cosine
+    decay to 0 at the end of epoch `epochs`, counted in steps of steps_per_epoch). A head on
+    cached features runs many small steps: several per call (steps_per_execution, the same
+    updates in the same order) halve its epoch time. No XLA: Keras turns it off (and warns)
+    under the op determinism that train turns on."""
+    rate = learning_rate
+    if schedule == "cosine":
+        warmup = steps_per_epoch if epochs > 1 else 0
+        rate = keras.optimizers.schedules.CosineDecay(0.0, max(1, steps_per_epoch * epochs - warmup),
+                                                      warmup_target=learning_rate, warmup_steps=warmup)
+    loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
+    model.compile(optimizer=FusedAdam(rate, weight_decay=weight_decay or None), loss=loss,
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  steps_per_execution=steps_per_execution)
+
+
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Keras' categorical cross-entropy with label_smoothing, on class indices (Keras' sparse
+    cross-entropy has no label smoothing)."""
+
+    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        classes = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 class FusedAdam(keras.optimizers.Adam):

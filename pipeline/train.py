@@ -2,7 +2,7 @@
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import keras
 import mlflow
@@ -12,7 +12,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import liveness, prepared
 from pipeline.card import ModelCard, log_model
-from pipeline.config import LogModelConfig, PipelineError, TrainConfig
+from pipeline.config import AUGMENT_OF, LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
 from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
 from pipeline.model import (backbone_identity, build_head, build_model, builder_of, compile_for_training,
@@ -130,6 +130,7 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True, run_id: str | 
     this run, made beforehand (a tune trial's, which Optuna links to before training starts).
     """
     data = prepared.load(cfg.data)
+    cfg = for_data(cfg, data)
     with step_run("train", cfg, data.name, run_id=run_id) as run:
         log_input(data.mlflow_dataset("train"), "training")
         log_input(data.mlflow_dataset("val"), "validation")
@@ -145,6 +146,7 @@ def train(cfg: TrainConfig, callbacks=(), log_model: bool = True, run_id: str | 
 def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool = False) -> Trained:
     """Seed everything and train cfg's model on data's train split (early-stopped on val); with
     log, into the active run (class weights, per-epoch and feature metrics, engine tags)."""
+    cfg = for_data(cfg, data)
     make_deterministic(cfg.seed)
     train_rows, val_rows = data.split("train"), data.split("val")
     strategy = _strategy()
@@ -168,6 +170,11 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
         if log:
             mlflow.log_metrics({"finetune_start_epoch": trained.phase_2, "finetune_time_s": trained.seconds})
     return trained
+
+
+def for_data(cfg: TrainConfig, data: prepared.PreparedData) -> TrainConfig:
+    """cfg with augment=auto made the augmentation of data's preset (none for other data)."""
+    return replace(cfg, augment=AUGMENT_OF.get(data.name, "none")) if cfg.augment == "auto" else cfg
 
 
 @functools.cache
@@ -251,6 +258,12 @@ class _Job:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
+    def optimization(self, steps_per_epoch: int, epochs: int | None = None) -> dict:
+        """compile_for_training's loss and schedule settings for a fit of epochs (default cfg.epochs)."""
+        cfg = self.cfg
+        return {"label_smoothing": cfg.label_smoothing, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+                "epochs": epochs or cfg.epochs, "steps_per_epoch": steps_per_epoch}
+
     def batching(self, size: int, rows: pd.DataFrame, any_size: bool = False) -> dict:
         """batch_size and drop_remainder for batches of rows: size, and every row, on one device.
 
@@ -323,13 +336,13 @@ def _fit_on_images(model: keras.Model, job: _Job, learning_rate: float | None = 
                    epochs: int | None = None) -> tuple[dict, float]:
     """Compile the whole model at learning_rate (default cfg.learning_rate) and fit it on images."""
     cfg = job.cfg
-    with job.strategy.scope():
-        compile_for_training(model, learning_rate or cfg.learning_rate)
-    if job.replicas > 1:
-        synchronize_batchnorm(model)
     train_data = make_dataset(job.train_rows, cfg.image_size, shuffle_seed=cfg.seed,
                               **job.batching(cfg.batch_size, job.train_rows))
     val_data = make_dataset(job.val_rows, cfg.image_size, **job.batching(cfg.batch_size, job.val_rows, any_size=True))
+    with job.strategy.scope():
+        compile_for_training(model, learning_rate or cfg.learning_rate, **job.optimization(len(train_data), epochs))
+    if job.replicas > 1:
+        synchronize_batchnorm(model)
     return _fit(model, train_data, val_data, job, first_epoch, epochs)
 
 
@@ -347,7 +360,8 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
     train_data = FeatureBatches(train_f.array, y_train, seed=cfg.seed, **job.batching(cfg.batch_size, job.train_rows))
     with job.strategy.scope():
         head = build_head(train_f.array.shape[1:], cfg, len(data.class_names))
-        compile_for_training(head, cfg.learning_rate, head_steps_per_execution(len(train_data), cfg.epochs, job.replicas))
+        compile_for_training(head, cfg.learning_rate, head_steps_per_execution(len(train_data), cfg.epochs, job.replicas),
+                             **job.optimization(len(train_data)))
     # Validation batches can be larger: the head has no batch statistics, so the scores are the same.
     val_data = FeatureBatches(val_f.array, y_val, **job.batching(8 * cfg.batch_size, job.val_rows, any_size=True))
     try:

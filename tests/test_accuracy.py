@@ -1,22 +1,24 @@
 """Augmentation, class weights, two-phase fine-tuning and reproducibility, on tiny generated images."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import keras
 import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny, write_images
+from conftest import tiny, tiny_values, write_images
 from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
 from pipeline.card import load_model
-from pipeline.config import ModelParams, PipelineError, PrepareConfig, TrainConfig
+from pipeline.config import RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.data import load_images
-from pipeline.model import build_model
+from pipeline.engine import compile_classifier
+from pipeline.model import build_model, for_inference
 from pipeline.prepare import prepare
-from pipeline.train import _restored, class_weights, train, uses_feature_cache
+from pipeline.train import _restored, class_weights, for_data, train, uses_feature_cache
 
 
 
@@ -52,6 +54,18 @@ def test_augmentation_acts_in_training_only(augment):
     block = model.get_layer("augment")
     np.testing.assert_array_equal(block(images, training=False), images)
     assert not np.allclose(block(images, training=True), images)  # it does augment in training
+
+
+@pytest.mark.slow
+def test_an_augmented_model_runs_on_openvino_without_its_augmentation(tmp_path):
+    """OpenVINO cannot convert the random layers' ops (ImageProjectiveTransformV3): evaluate,
+    predict and serve failed on every model trained with augment."""
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    cfg = ModelParams(weights="none", image_size=32, augment="cells", precision="float32")
+    model = build_model(cfg, 3)
+    runner = compile_classifier(model, asdict(cfg), 3, "openvino", "float32", str(tmp_path))
+    np.testing.assert_allclose(runner(images), model.predict(images, verbose=0), atol=1e-4)
+    assert "augment" not in [layer.name for layer in for_inference(model).layers]
 
 
 def test_balanced_class_weights_match_scikit_learn():
@@ -179,3 +193,26 @@ def test_best_epoch_is_the_epoch_early_stopping_restores(min_delta):
     for epoch, loss in enumerate(losses):
         stop.on_epoch_end(epoch, {"val_loss": loss})
     assert _restored(losses, min_delta) == stop.best_epoch == {0.0: 6, 1e-4: 5, 0.05: 3}[min_delta]
+
+
+def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
+    options = {"data": "runs:/x/data", "recipe": "scratch", "image_size": 96, "epochs": 10}  # 10 is the default
+    cfg = TrainConfig(**with_recipe(options, TrainConfig))
+    assert (cfg.image_size, cfg.epochs) == (96, RECIPES["scratch"]["epochs"])  # passed: kept; at the default: set
+    assert (cfg.weights, cfg.fine_tune, cfg.schedule) == ("none", "all", "cosine")
+    assert with_recipe({"data": "runs:/x/data", "recipe": ""}, TrainConfig) == {"data": "runs:/x/data", "recipe": ""}
+    cells = for_data(TrainConfig(data="runs:/x/data", augment="auto"), SimpleNamespace(name="blood_cells"))
+    assert cells.augment == "cells"
+
+
+@pytest.mark.slow
+def test_the_scratch_recipe_trains_with_label_smoothing_weight_decay_and_a_cosine_schedule(lopsided):
+    options = {**tiny_values(TrainConfig, data=lopsided.data_uri), "recipe": "scratch", "batch_size": 64}
+    result = train(TrainConfig(**with_recipe(options, TrainConfig)), log_model=False)
+    params = mlflow.get_run(result.run_id).data.params
+    assert (params["recipe"], params["schedule"], params["fine_tune"]) == ("scratch", "cosine", "all")
+    assert params["augment"] == "none"  # auto, for a folder that is no preset
+    optimizer = result.trained.model.optimizer
+    assert float(optimizer.learning_rate) == pytest.approx(0, abs=1e-9)  # the cosine's end, after the last step
+    assert optimizer.weight_decay == RECIPES["scratch"]["weight_decay"]
+    assert result.trained.model.loss.label_smoothing == RECIPES["scratch"]["label_smoothing"]

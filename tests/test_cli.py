@@ -96,6 +96,7 @@ BAD_VALUES = {
     "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
     "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes", "heartbeat_interval": 0,
     "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "", "port": 0,
+    "label_smoothing": 1.0, "weight_decay": -0.01, "schedule": "linear", "recipe": "fast",
 }
 TUNE_ONLY = ("n_trials", "timeout", "workers", "storage", "pruner", "heartbeat_interval", "grace_period", "log_models")
 
