@@ -2,16 +2,19 @@
 
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import as_under_mlflow_run, make_dataset, tiny
+from conftest import as_under_mlflow_run, make_dataset, tiny, tiny_values
 
 import pipeline.train
-from pipeline.config import EvaluateConfig, GridConfig, LogModelConfig, PipelineError
+from pipeline.card import load_model
+from pipeline.config import EvaluateConfig, GridConfig, LogModelConfig, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.evaluate import evaluate
 from pipeline.grid import GRID, grid, point_configs
 from pipeline.liveness import REASON
-from pipeline.train import log_trained_model_of
+from pipeline.prepare import prepare
+from pipeline.train import log_trained_model_of, train
 
 
 def test_grid_is_the_studies_table():
@@ -107,3 +110,18 @@ def test_log_model_under_mlflow_run_of_an_unknown_run_fails_its_run_in_one_line(
         log_trained_model_of(LogModelConfig(run="nope"))
     run = mlflow.get_run(mlflow_run_id)
     assert run.info.status == "FAILED" and run.data.tags[REASON].startswith("PipelineError: no run 'nope'")
+
+
+@pytest.mark.slow
+def test_a_grid_on_a_backbone_of_your_own_keeps_that_backbone_frozen(tmp_path):
+    """The offline flow of README, Accuracy: train a backbone with recipe=scratch, then the grid on
+    it with weights=<its model URI>: every point's backbone is that one, unchanged."""
+    dataset = str(make_dataset(tmp_path / "ownbackbone", n=8))
+    data = prepare(tiny(PrepareConfig, dataset=dataset, experiment="own-backbone"))
+    options = tiny_values(TrainConfig, data=data.data_uri, experiment="own-backbone", recipe="scratch")
+    backbone = train(TrainConfig(**with_recipe(options, TrainConfig))).model_uri
+    result = grid(tiny(GridConfig, dataset=dataset, experiment="own-backbone", weights=backbone, image_size=32))
+    assert len(result.table) == 7 and result.table["Accuracy"].notna().all()
+    expected = load_model(backbone)[0].get_layer("resnet50").get_weights()
+    for got, want in zip(load_model(result.best_model_uri)[0].get_layer("resnet50").get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
