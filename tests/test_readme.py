@@ -89,8 +89,8 @@ def shrink(command: str, project: Path = ROOT) -> str:
     """The command with SHRINK's settings for the parameters its step takes, and the project by path."""
     step, params = step_and_params(command)
     taken = {f.name for f in parameters(cli_module.STEPS[step][0])} & set(SHRINK)
-    if params.get("weights") == "imagenet":
-        taken.discard("weights")  # the README says where this fails offline
+    if params.get("weights") == "imagenet" or "/" in params.get("weights", ""):
+        taken.discard("weights")  # the README says where imagenet fails offline; a model URI is a run's backbone
     if command.startswith("mlflow run"):
         command = command.replace("mlflow run . ", f"mlflow run {shlex.quote(str(project))} ", 1)
         command = re.sub(r" -P (\w+)=\S+", lambda m: "" if m.group(1) in taken else m.group(0), command)
