@@ -11,7 +11,7 @@ with recipe=scratch (pipeline.config.RECIPES: a ResNet50 from random weights, si
 machines cannot fetch ImageNet's; --set name=value overrides any train parameter), and scores the
 restored epoch (lowest val_loss) with the pipeline's evaluate, the only step that reads the test
 split. --grid then runs the studies' seven-point grid frozen on the backbone just trained
-(weights=runs:/<id>/model, the same image size) and prints its table.
+(weights=<the trained model's URI>, the same image size) and prints its table.
 
 The budget covers prepare, training and evaluation (not --grid): training stops early once another
 epoch plus the evaluation would not fit. Prints each epoch's time; last line:
@@ -22,7 +22,6 @@ import argparse
 import os
 import tempfile
 import time
-
 from dataclasses import fields
 
 import keras
@@ -33,6 +32,7 @@ from pipeline.evaluate import evaluate
 from pipeline.grid import grid
 from pipeline.prepare import prepare
 from pipeline.train import train
+
 
 class TimeBudget(keras.callbacks.Callback):
     """Stops fit when another epoch and the final evaluation would end past deadline
@@ -85,18 +85,19 @@ def arguments():
     parser.add_argument("--grid", action="store_true", help="then the seven-point grid frozen on the trained backbone")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--store", default="", help="folder for the MLflow runs; default: a temporary one")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if unknown := {item.split("=", 1)[0] for item in args.set} - {f.name for f in fields(TrainConfig)}:
+        parser.error(f"--set: no train parameter {', '.join(sorted(unknown))}")  # before any work
+    return args
 
 
 def train_config(args, data_uri: str, folder: str) -> TrainConfig:
     """The recipe's config, with --set's values (typed as the fields are)."""
     types = {f.name: f.type for f in fields(TrainConfig)}
     sets = dict(item.split("=", 1) for item in args.set)
-    if unknown := set(sets) - set(types):
-        raise SystemExit(f"--set: no train parameter {', '.join(sorted(unknown))}")
     options = {"data": data_uri, "experiment": f"accuracy-{args.dataset}", "recipe": args.recipe, "seed": args.seed,
                "cache_dir": f"{folder}/cache", **{k: types[k](v) for k, v in sets.items()}}
-    return TrainConfig(**with_recipe(options, TrainConfig))
+    return with_recipe(TrainConfig, options)
 
 
 def run(args, folder: str, deadline: float) -> float:

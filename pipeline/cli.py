@@ -59,7 +59,7 @@ def config_options(cls):
 def run_step(cls, target: str, options: dict):
     """Build the config (a bad value fails here, before any import of TensorFlow) and run the step."""
     with on_the_store():
-        cfg = cls(**with_recipe(options, cls))  # before function(target), whose module may import TensorFlow
+        cfg = with_recipe(cls, options)  # before function(target), whose module may import TensorFlow
         if getattr(cfg, "weights", None) == "imagenet":
             check_imagenet_weights()
         check_store()

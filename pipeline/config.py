@@ -210,12 +210,12 @@ class _Recipe(_Config):
                             "from random weights, at 64 px, augmented; see README, Accuracy)")
 
 
-def with_recipe(options: dict, cls) -> dict:
-    """options (a config's field values) with their recipe's values for the fields of cls left at
-    their defaults: a value passed that equals the default counts as left."""
+def with_recipe(cls, options: dict):
+    """A cls config of options (field values) and, for the fields left at their defaults, their
+    recipe's values: a value passed that equals the default counts as left."""
     recipe = RECIPES.get(options.get("recipe", ""), {})
     defaults = {f.name: f.default for f in fields(cls)}
-    return {**options, **{k: v for k, v in recipe.items() if options.get(k, defaults[k]) == defaults[k]}}
+    return cls(**{**options, **{k: v for k, v in recipe.items() if options.get(k, defaults[k]) == defaults[k]}})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -197,10 +197,10 @@ def test_best_epoch_is_the_epoch_early_stopping_restores(min_delta):
 
 def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
     options = {"data": "runs:/x/data", "recipe": "scratch", "image_size": 96, "epochs": 10}  # 10 is the default
-    cfg = TrainConfig(**with_recipe(options, TrainConfig))
+    cfg = with_recipe(TrainConfig, options)
     assert (cfg.image_size, cfg.epochs) == (96, RECIPES["scratch"]["epochs"])  # passed: kept; at the default: set
     assert (cfg.weights, cfg.fine_tune, cfg.schedule) == ("none", "all", "cosine")
-    assert with_recipe({"data": "runs:/x/data", "recipe": ""}, TrainConfig) == {"data": "runs:/x/data", "recipe": ""}
+    assert with_recipe(TrainConfig, {"data": "runs:/x/data", "recipe": ""}) == TrainConfig(data="runs:/x/data")
     cells = for_data(TrainConfig(data="runs:/x/data", augment="auto"), SimpleNamespace(name="blood_cells"))
     assert cells.augment == "cells"
 
@@ -208,7 +208,7 @@ def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
 @pytest.mark.slow
 def test_the_scratch_recipe_trains_with_label_smoothing_weight_decay_and_a_cosine_schedule(lopsided):
     options = {**tiny_values(TrainConfig, data=lopsided.data_uri), "recipe": "scratch", "batch_size": 64}
-    result = train(TrainConfig(**with_recipe(options, TrainConfig)), log_model=False)
+    result = train(with_recipe(TrainConfig, options), log_model=False)
     params = mlflow.get_run(result.run_id).data.params
     assert (params["recipe"], params["schedule"], params["fine_tune"]) == ("scratch", "cosine", "all")
     assert params["augment"] == "none"  # auto, for a folder that is no preset

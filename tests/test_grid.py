@@ -119,7 +119,7 @@ def test_a_grid_on_a_backbone_of_your_own_keeps_that_backbone_frozen(tmp_path):
     dataset = str(make_dataset(tmp_path / "ownbackbone", n=8))
     data = prepare(tiny(PrepareConfig, dataset=dataset, experiment="own-backbone"))
     options = tiny_values(TrainConfig, data=data.data_uri, experiment="own-backbone", recipe="scratch")
-    backbone = train(TrainConfig(**with_recipe(options, TrainConfig))).model_uri
+    backbone = train(with_recipe(TrainConfig, options)).model_uri
     result = grid(tiny(GridConfig, dataset=dataset, experiment="own-backbone", weights=backbone, image_size=32))
     assert len(result.table) == 7 and result.table["Accuracy"].notna().all()
     expected = load_model(backbone)[0].get_layer("resnet50").get_weights()
