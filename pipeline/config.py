@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "cosine")
 # ResNet50 from random weights, for machines that cannot fetch ImageNet's (benchmarks/accuracy.py).
 RECIPES = {
     "scratch": {"weights": "none", "fine_tune": "all", "pooling": "avg", "hidden_layers": 0, "dropout": 0.2,
-                "image_size": 64, "batch_size": 64, "learning_rate": 2e-3, "epochs": 12, "patience": 12,
+                "image_size": 64, "batch_size": 64, "learning_rate": 2e-3, "epochs": 10, "patience": 10,
                 "augment": "auto", "label_smoothing": 0.1, "weight_decay": 0.05, "schedule": "cosine"},
 }
 CLASS_WEIGHTS = ("none", "balanced")

@@ -196,9 +196,9 @@ def test_best_epoch_is_the_epoch_early_stopping_restores(min_delta):
 
 
 def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
-    options = {"data": "runs:/x/data", "recipe": "scratch", "image_size": 96, "epochs": 10}  # 10 is the default
+    options = {"data": "runs:/x/data", "recipe": "scratch", "image_size": 96, "batch_size": 32}  # 32 is the default
     cfg = with_recipe(TrainConfig, options)
-    assert (cfg.image_size, cfg.epochs) == (96, RECIPES["scratch"]["epochs"])  # passed: kept; at the default: set
+    assert (cfg.image_size, cfg.batch_size) == (96, RECIPES["scratch"]["batch_size"])  # passed: kept; at the default: set
     assert (cfg.weights, cfg.fine_tune, cfg.schedule) == ("none", "all", "cosine")
     assert with_recipe(TrainConfig, {"data": "runs:/x/data", "recipe": ""}) == TrainConfig(data="runs:/x/data")
     cells = for_data(TrainConfig(data="runs:/x/data", augment="auto"), SimpleNamespace(name="blood_cells"))
