@@ -290,14 +290,22 @@ def relative_error(output: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(output.astype(np.float64) - reference) / max(np.linalg.norm(reference), 1e-12))
 
 
+class EngineMismatch(PipelineError):
+    """An engine's output differs from TensorFlow float32's past MAX_REL_ERROR (error: the relative error)."""
+
+    def __init__(self, message: str, error: float):
+        super().__init__(message)
+        self.error = error
+
+
 def check_against_reference(runner: Runner, build: Callable[[str], keras.Model], images: np.ndarray) -> float:
     """Relative error of runner against build("float32") run by TensorFlow on images (a few are
-    enough); a PipelineError past MAX_REL_ERROR for the runner's precision."""
+    enough); an EngineMismatch past MAX_REL_ERROR for the runner's precision."""
     reference = np.asarray(build("float32")(images, training=False), np.float64)
     error = relative_error(runner(images), reference)
     bound = MAX_REL_ERROR.get(runner.precision, MAX_REL_ERROR["float32"])
     if not math.isfinite(error) or error > bound:
-        raise PipelineError(f"engine {runner.engine} ({runner.precision}) differs from TensorFlow float32 by "
-                            f"{error:.2%} on {len(images)} images (bound {bound:.2%}): use engine=tensorflow "
-                            "or precision=float32, and report the versions of openvino and tensorflow")
+        raise EngineMismatch(f"engine {runner.engine} ({runner.precision}) differs from TensorFlow float32 by "
+                             f"{error:.2%} on {len(images)} images (bound {bound:.2%}): use engine=tensorflow "
+                             "or precision=float32, and report the versions of openvino and tensorflow", error)
     return error

@@ -213,7 +213,7 @@ def log_trained(trained: Trained) -> str:
                             f"trained its head ({trained.backbone_digest}): clear the feature cache "
                             "(cache_dir) and train again")
     card = ModelCard(class_names=data.class_names, image_size=cfg.image_size,
-                     precision=resolve_precision(cfg.precision),
+                     precision=trained.backbone.precision if trained.is_head else resolve_precision(cfg.precision),
                      engine=trained.engine, dataset=data.name,
                      data_digest=data.digest, config=asdict(cfg),
                      backbone=backbone_identity(cfg.weights, cfg.seed), backbone_digest=digest)
@@ -369,7 +369,7 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
     finally:  # after the epochs' metrics, which the UI's compare view should pick first (_LogEpochs); pruned too
         if log:
             mlflow.log_metrics(extraction)
-    return Trained(head, cfg, data, history, seconds, None, backbone, train_f.backbone_digest)
+    return Trained(head, cfg, data, history, seconds, None, train_f.backbone, train_f.backbone_digest)
 
 
 def _fine_tune(trained: Trained, job: _Job) -> None:

@@ -167,6 +167,20 @@ def test_an_engine_past_its_error_bound_stops_in_one_line(rows):
         engine.check_against_reference(Off(), build, images)
 
 
+def test_a_reduced_precision_past_its_bound_extracts_in_float32_instead(rows, tmp_path, monkeypatch, capsys):
+    bf16 = replace(TF, precision="mixed_bfloat16")
+    monkeypatch.setitem(engine.MAX_REL_ERROR, "mixed_bfloat16", 1e-9)  # any real bfloat16 error is past it
+    monkeypatch.setattr(features, "_FLOAT32_INSTEAD", {})
+    found = split_features(bf16, rows, str(tmp_path))
+    assert "its features in float32 instead" in capsys.readouterr().out
+    assert found.backbone == TF and found.rel_error == 0.0 and not found.hit
+    np.testing.assert_array_equal(found.array, split_features(TF, rows, str(tmp_path)).array)  # the float32 entry
+    assert split_features(bf16, rows, str(tmp_path)).hit and "instead" not in capsys.readouterr().out  # remembered
+    monkeypatch.setitem(engine.MAX_REL_ERROR, "float32", -1.0)  # float32 itself past its bound: no way round it
+    with pytest.raises(PipelineError, match="differs from TensorFlow float32"):
+        split_features(replace(TF, image_size=40), rows, str(tmp_path))
+
+
 @pytest.mark.skipif(not engine.has_openvino(), reason="OpenVINO is not installed")
 def test_a_converted_model_is_kept_and_read_back_instead_of_converted_again(rows, tmp_path, monkeypatch, capsys):
     images = load_images(rows["path"][:3], 32)
