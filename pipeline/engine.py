@@ -15,7 +15,8 @@ and the served model is decided here, in resolve_engine, and nowhere else:
   mode), in the model's own dtype policy. The engine for GPUs and where OpenVINO is missing.
 
 An engine's output is checked against the TensorFlow float32 model on a few images
-(check_against_reference); past MAX_REL_ERROR the step stops with one line.
+(check_against_reference); past MAX_REL_ERROR it raises EngineMismatch (pipeline.features then
+extracts in float32 instead; in float32 the step stops with one line).
 """
 
 import functools
