@@ -162,7 +162,8 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
         trained = Trained(model, cfg, data, *_fit_on_images(model, job), phase_2=None)
     if log:
         used = {"device": _device(strategy), "num_replicas": job.replicas,
-                "precision": resolve_precision(cfg.precision), "engine": trained.engine}
+                "precision": trained.backbone.precision if trained.is_head else resolve_precision(cfg.precision),
+                "engine": trained.engine}
         mlflow.set_tags(used)
         print("trained on " + ", ".join(f"{k} {v}" for k, v in used.items()))
     if cfg.finetune_epochs:
@@ -232,7 +233,7 @@ def _whole_model(trained: Trained) -> keras.Model:
     if trained.is_head:
         head = build_head(trained.model.input_shape[1:], cfg, n_classes)
         head.set_weights(trained.model.get_weights())
-        return build_model(cfg, n_classes, head=head)
+        return build_model(cfg, n_classes, head=head, precision=trained.backbone.precision)  # its features' precision
     return builder_of(trained.model, asdict(cfg), n_classes)(resolve_precision(cfg.precision))
 
 
@@ -352,6 +353,8 @@ def _fit_head_on_features(job: _Job, data: prepared.PreparedData, log: bool) -> 
     backbone = Backbone.of(cfg)
     train_f, val_f = (split_features(backbone, rows, cfg.cache_dir, cfg.batch_size)
                       for rows in (job.train_rows, job.val_rows))
+    if val_f.backbone != train_f.backbone:  # val's check sent it to float32 after train's passed: train too
+        train_f = split_features(val_f.backbone, job.train_rows, cfg.cache_dir, cfg.batch_size)
     checked = [f.rel_error for f in (train_f, val_f) if not f.hit]
     extraction = {"feature_extraction_s": time.perf_counter() - start, "feature_cache_hits": train_f.hit + val_f.hit,
                   "feature_cache_mb": (train_f.array.nbytes + val_f.array.nbytes) / 2**20,

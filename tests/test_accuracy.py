@@ -216,3 +216,16 @@ def test_the_scratch_recipe_trains_with_label_smoothing_weight_decay_and_a_cosin
     assert float(optimizer.learning_rate) == pytest.approx(0, abs=1e-9)  # the cosine's end, after the last step
     assert optimizer.weight_decay == RECIPES["scratch"]["weight_decay"]
     assert result.trained.model.loss.label_smoothing == RECIPES["scratch"]["label_smoothing"]
+
+
+def test_a_head_whose_bfloat16_features_fail_the_check_is_trained_logged_and_tagged_in_float32(lopsided, monkeypatch):
+    from pipeline import engine, features
+    from pipeline.model import backbone_policy
+
+    monkeypatch.setitem(engine.MAX_REL_ERROR, "mixed_bfloat16", 1e-9)  # any real bfloat16 error is past it
+    monkeypatch.setattr(features, "_FLOAT32_INSTEAD", {})
+    result = train(tiny(TrainConfig, data=lopsided.data_uri, precision="mixed_bfloat16", engine="tensorflow"))
+    assert result.trained.is_head and result.trained.backbone.precision == "float32"
+    model, card, _ = load_model(result.model_uri)
+    assert card.precision == "float32" and backbone_policy(model) == "float32"
+    assert mlflow.get_run(result.run_id).data.tags["precision"] == "float32"
