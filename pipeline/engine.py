@@ -292,11 +292,12 @@ def relative_error(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 class EngineMismatch(PipelineError):
-    """An engine's output differs from TensorFlow float32's past MAX_REL_ERROR (error: the relative error)."""
+    """An engine's output differs from TensorFlow float32's past MAX_REL_ERROR (error: the relative
+    error; bound: the precision's)."""
 
-    def __init__(self, message: str, error: float):
+    def __init__(self, message: str, error: float, bound: float):
         super().__init__(message)
-        self.error = error
+        self.error, self.bound = error, bound
 
 
 def check_against_reference(runner: Runner, build: Callable[[str], keras.Model], images: np.ndarray) -> float:
@@ -308,5 +309,5 @@ def check_against_reference(runner: Runner, build: Callable[[str], keras.Model],
     if not math.isfinite(error) or error > bound:
         raise EngineMismatch(f"engine {runner.engine} ({runner.precision}) differs from TensorFlow float32 by "
                              f"{error:.2%} on {len(images)} images (bound {bound:.2%}): use engine=tensorflow "
-                             "or precision=float32, and report the versions of openvino and tensorflow", error)
+                             "or precision=float32, and report the versions of openvino and tensorflow", error, bound)
     return error

@@ -87,7 +87,7 @@ def split_features(backbone: Backbone, rows: pd.DataFrame, cache_dir: str = "", 
         if backbone.precision == "float32":
             raise
         print(f"engine {backbone.engine} ({backbone.precision}) differs from TensorFlow float32 by {e.error:.1%} on "
-              f"this backbone (bound {engines.MAX_REL_ERROR.get(backbone.precision, 0):.0%}): its features in float32 instead")
+              f"this backbone (bound {e.bound:.0%}): its features in float32 instead")
         _FLOAT32_INSTEAD[backbone] = replace(backbone, precision="float32")
         return split_features(backbone, rows, cache_dir, batch_size)
 

@@ -41,6 +41,12 @@ class Trained:
         return self.backbone.engine if self.backbone else "tensorflow"
 
     @property
+    def precision(self) -> str:
+        """The backbone's precision: its features' for a head (float32 where the reduced one failed
+        the engine check, pipeline.features.split_features), else cfg's, resolved."""
+        return self.backbone.precision if self.is_head else resolve_precision(self.cfg.precision)
+
+    @property
     def is_head(self) -> bool:
         return self.backbone is not None and self.model.name == "head"
 
@@ -162,8 +168,7 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
         trained = Trained(model, cfg, data, *_fit_on_images(model, job), phase_2=None)
     if log:
         used = {"device": _device(strategy), "num_replicas": job.replicas,
-                "precision": trained.backbone.precision if trained.is_head else resolve_precision(cfg.precision),
-                "engine": trained.engine}
+                "precision": trained.precision, "engine": trained.engine}
         mlflow.set_tags(used)
         print("trained on " + ", ".join(f"{k} {v}" for k, v in used.items()))
     if cfg.finetune_epochs:
@@ -214,7 +219,7 @@ def log_trained(trained: Trained) -> str:
                             f"trained its head ({trained.backbone_digest}): clear the feature cache "
                             "(cache_dir) and train again")
     card = ModelCard(class_names=data.class_names, image_size=cfg.image_size,
-                     precision=trained.backbone.precision if trained.is_head else resolve_precision(cfg.precision),
+                     precision=trained.precision,
                      engine=trained.engine, dataset=data.name,
                      data_digest=data.digest, config=asdict(cfg),
                      backbone=backbone_identity(cfg.weights, cfg.seed), backbone_digest=digest)
@@ -233,8 +238,8 @@ def _whole_model(trained: Trained) -> keras.Model:
     if trained.is_head:
         head = build_head(trained.model.input_shape[1:], cfg, n_classes)
         head.set_weights(trained.model.get_weights())
-        return build_model(cfg, n_classes, head=head, precision=trained.backbone.precision)  # its features' precision
-    return builder_of(trained.model, asdict(cfg), n_classes)(resolve_precision(cfg.precision))
+        return build_model(cfg, n_classes, head=head, precision=trained.precision)
+    return builder_of(trained.model, asdict(cfg), n_classes)(trained.precision)
 
 
 @dataclass(frozen=True)
