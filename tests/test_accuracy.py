@@ -16,7 +16,7 @@ from pipeline.card import load_model
 from pipeline.config import RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.data import load_images
 from pipeline.engine import compile_classifier
-from pipeline.model import build_model, for_inference
+from pipeline.model import FusedAdam, build_model, for_inference
 from pipeline.prepare import prepare
 from pipeline.train import _restored, class_weights, for_data, train, uses_feature_cache
 
@@ -229,3 +229,22 @@ def test_a_head_whose_bfloat16_features_fail_the_check_is_trained_logged_and_tag
     model, card, _ = load_model(result.model_uri)
     assert card.precision == "float32" and backbone_policy(model) == "float32"
     assert mlflow.get_run(result.run_id).data.tags["precision"] == "float32"
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.05])
+def test_fused_adam_updates_weights_as_keras_adam_under_a_cosine_schedule(weight_decay):
+    """pipeline.model.FusedAdam (TensorFlow's fused kernel, the rate computed once a step) trains a
+    model to the weights Keras' own Adam gives, with and without decoupled weight decay."""
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    weights = []
+    for optimizer in (keras.optimizers.Adam, FusedAdam):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+        rate = keras.optimizers.schedules.CosineDecay(0.0, 12, warmup_target=0.05, warmup_steps=4)
+        model.compile(optimizer=optimizer(rate, weight_decay=weight_decay),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for fused, own in zip(weights[1], weights[0], strict=True):
+        np.testing.assert_allclose(fused, own, rtol=1e-4, atol=1e-5)  # the fused kernel rounds a little differently
