@@ -166,7 +166,7 @@ def pytest_collection_modifyitems(config, items):
         for shared in ("trained", "postgres"):
             if shared in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(shared))
-    last, weight = config.cache.get(DURATIONS, {}), {}
+    last, weight = config.cache.get(DURATIONS, {}) if hasattr(config, "cache") else {}, {}  # -p no:cacheprovider
     for item in items:
         guess = 60 if item.get_closest_marker("slow") else 1
         weight[item.module] = weight.get(item.module, 0) + last.get(item.nodeid, guess)
@@ -179,5 +179,5 @@ def pytest_terminal_summary(terminalreporter, config):
     for report in (r for reports in terminalreporter.stats.values() for r in reports):
         if getattr(report, "when", None) and getattr(report, "nodeid", None):
             seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
-    if seconds and not hasattr(config, "workerinput"):
+    if seconds and hasattr(config, "cache") and not hasattr(config, "workerinput"):
         config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **seconds})
