@@ -322,7 +322,7 @@ def test_cli_on_a_store_or_folder_that_cannot_be_written(tmp_path, small_disk, c
     store = small_disk if case != "full artifacts" else tmp_path
     if case != "full artifacts":  # the store exists (made in a process of its own, which closes it)
         subprocess.run([sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], check=True,
-                       env={**os.environ, **_store(store)})
+                       env={**os.environ, **_store(store)}, cwd=work, timeout=300)
     if case == "read-only store":
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
         expected = ("cannot write the tracking store", str(small_disk))
