@@ -113,6 +113,21 @@ def tracking_store(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def eager_if_marked(request):
+    """A test marked eager runs tf.functions eagerly in this process (pyproject.toml, markers);
+    every other test, and every command a test starts, runs them as users do, traced."""
+    if request.node.get_closest_marker("eager") is None:
+        yield
+        return
+    import tensorflow as tf
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sixteen_gb():
     """Configurations are judged against a machine with 16 GB free, not against what other

@@ -133,6 +133,7 @@ def _same(a: list, b: list) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.eager
 def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lopsided, pretrained, monkeypatch):
     path, before, names, batchnorm = pretrained
     fits, real_fit = [], keras.Model.fit
@@ -206,6 +207,7 @@ def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
 
 
 @pytest.mark.slow
+@pytest.mark.eager
 def test_the_scratch_recipe_trains_with_label_smoothing_weight_decay_and_a_cosine_schedule(lopsided):
     options = {**tiny_values(TrainConfig, data=lopsided.data_uri), "recipe": "scratch", "batch_size": 64}
     result = train(with_recipe(TrainConfig, options), log_model=False)
@@ -218,6 +220,7 @@ def test_the_scratch_recipe_trains_with_label_smoothing_weight_decay_and_a_cosin
     assert result.trained.model.loss.label_smoothing == RECIPES["scratch"]["label_smoothing"]
 
 
+@pytest.mark.eager
 def test_a_head_whose_bfloat16_features_fail_the_check_is_trained_logged_and_tagged_in_float32(lopsided, monkeypatch):
     from pipeline import engine, features
     from pipeline.model import backbone_policy

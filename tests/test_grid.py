@@ -113,6 +113,7 @@ def test_log_model_under_mlflow_run_of_an_unknown_run_fails_its_run_in_one_line(
 
 
 @pytest.mark.slow
+@pytest.mark.eager
 def test_a_grid_on_a_backbone_of_your_own_keeps_that_backbone_frozen(tmp_path):
     """The offline flow of README, Accuracy: train a backbone with recipe=scratch, then the grid on
     it with weights=<its model URI>: every point's backbone is that one, unchanged."""
