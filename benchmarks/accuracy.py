@@ -14,19 +14,24 @@ split. --grid then runs the studies' seven-point grid frozen on the backbone jus
 (weights=<the trained model's URI>, the same image size) and prints its table.
 
 The budget covers prepare, training and evaluation (not --grid): training stops early once another
-epoch plus the evaluation would not fit. Prints each epoch's time; last line:
-official_test_accuracy=<test accuracy>. Measured figures: the README's Accuracy section.
+epoch plus the evaluation would not fit. Prints each epoch's time; for blood_cells the test's
+source cells that most of their images are classified right (official_test_cells_right=<right>/71:
+TEST is views of 71 cells, README, Accuracy); last line: official_test_accuracy=<test accuracy>. Measured figures: the README's Accuracy section.
 """
 
 import argparse
 import os
+import re
 import tempfile
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import keras
 import mlflow
+import pandas as pd
 
+from pipeline import datasets
 from pipeline.config import PRESETS, RECIPES, EvaluateConfig, GridConfig, PrepareConfig, TrainConfig, with_recipe
 from pipeline.evaluate import evaluate
 from pipeline.grid import grid
@@ -100,6 +105,16 @@ def train_config(args, data_uri: str, folder: str) -> TrainConfig:
     return with_recipe(TrainConfig, options)
 
 
+def cells_right(run_id: str, group: str) -> tuple[int, int]:
+    """Of the test split's source cells (group: the preset's regex, whose first group in a file name
+    is the cell's number within its class), how many the evaluate run classified right in most of
+    their images, and how many there are."""
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.csv"))
+    cell = table["label"] + "/" + table["path"].map(lambda path: re.match(group, Path(path).name).group(1))
+    right = (table["predicted"] == table["label"]).groupby(cell).mean() > 0.5
+    return int(right.sum()), len(right)
+
+
 def run(args, folder: str, deadline: float) -> float:
     """Prepare, train and evaluate in folder's tracking store (then the grid, with --grid); the test accuracy."""
     mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
@@ -118,6 +133,9 @@ def run(args, folder: str, deadline: float) -> float:
           f"learning_minutes={trained.learning_time_s / 60:.1f}", flush=True)
     scores = evaluate(EvaluateConfig(model=trained.model_uri, data=data.data_uri, experiment=experiment,
                                      batch_size=cfg.batch_size, cache_dir=f"{folder}/cache"))
+    if group := datasets.PRESETS[args.dataset].group:
+        right, cells = cells_right(scores.run_id, group)
+        print(f"official_test_cells_right={right}/{cells} (a source cell whose images are mostly classified right)")
     if args.grid:
         print(f"official_test_accuracy={scores.metrics['test_accuracy']:.4f} (recipe); the grid on its backbone:",
               flush=True)
