@@ -409,10 +409,16 @@ def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str, grou
                             f"{counts.idxmin()!r} of {len(frame)} ({e}): add images or change the fractions") from None
 
 
+def source_ids(frame: pd.DataFrame, group: str) -> pd.Series:
+    """Each row's source image, "<label>/<group 1 of group in the file name>" (numbers restart in
+    each class folder); a file whose name has no such group is its own source (its path)."""
+    source = frame["path"].map(lambda path: Path(path).name).str.extract(group, expand=False)
+    return frame["label"] + "/" + source.fillna(frame["path"])
+
+
 def _grouped(frame: pd.DataFrame, fraction: float, seed: int, what: str, group: str):
     """Hold out about fraction of frame, stratified, keeping each source image's files together."""
-    source = frame["path"].map(lambda path: Path(path).name).str.extract(group, expand=False)
-    groups = frame["label"] + "/" + source.fillna(frame["path"])  # a name without a group: its own
+    groups = source_ids(frame, group)
     folds = StratifiedGroupKFold(max(2, round(1 / fraction)), shuffle=True, random_state=seed)
     sources = groups.groupby(frame["label"]).nunique()
     try:

@@ -121,11 +121,12 @@ def eager_if_marked(request):
         yield
         return
     import tensorflow as tf
+    before = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(True)
     try:
         yield
     finally:
-        tf.config.run_functions_eagerly(False)
+        tf.config.run_functions_eagerly(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,7 @@ from pipeline.card import load_model
 from pipeline.config import RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.data import load_images
 from pipeline.engine import compile_classifier
-from pipeline.model import FusedAdam, build_model, for_inference
+from pipeline.model import FusedAdam, SmoothedSparseCrossentropy, build_model, for_inference
 from pipeline.prepare import prepare
 from pipeline.train import _restored, class_weights, for_data, train, uses_feature_cache
 
@@ -133,7 +133,6 @@ def _same(a: list, b: list) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.eager
 def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lopsided, pretrained, monkeypatch):
     path, before, names, batchnorm = pretrained
     fits, real_fit = [], keras.Model.fit
@@ -251,3 +250,21 @@ def test_fused_adam_updates_weights_as_keras_adam_under_a_cosine_schedule(weight
         weights.append(model.get_weights())
     for fused, own in zip(weights[1], weights[0], strict=True):
         np.testing.assert_allclose(fused, own, rtol=1e-4, atol=1e-5)  # the fused kernel rounds a little differently
+
+
+def test_smoothed_sparse_crossentropy_trains_as_keras_categorical_crossentropy_with_label_smoothing():
+    """The recipe's loss on class indices (pipeline.model.SmoothedSparseCrossentropy), in a traced
+    fit, trains a model to the weights Keras' categorical cross-entropy with the same
+    label_smoothing gives on one-hot targets."""
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 1).astype("int32")  # three classes
+    weights = []
+    for loss, targets in ((keras.losses.CategoricalCrossentropy(label_smoothing=0.2), keras.ops.one_hot(y, 3)),
+                          (SmoothedSparseCrossentropy(0.2), y)):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+        model.fit(x, targets, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for sparse, one_hot in zip(weights[1], weights[0], strict=True):
+        np.testing.assert_allclose(sparse, one_hot, rtol=1e-5, atol=1e-6)
