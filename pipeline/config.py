@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "cosine")
 # ResNet50 from random weights, for machines that cannot fetch ImageNet's (benchmarks/accuracy.py).
 RECIPES = {
     "scratch": {"weights": "none", "fine_tune": "all", "pooling": "avg", "hidden_layers": 0, "dropout": 0.2,
-                "image_size": 64, "batch_size": 64, "learning_rate": 2e-3, "epochs": 10, "patience": 10,
+                "image_size": 112, "batch_size": 64, "learning_rate": 2e-3, "epochs": 8, "patience": 10,
                 "augment": "auto", "label_smoothing": 0.1, "weight_decay": 0.05, "schedule": "cosine"},
 }
 CLASS_WEIGHTS = ("none", "balanced")
@@ -207,7 +207,7 @@ class ModelParams(_Config):
 @dataclass(frozen=True, kw_only=True)
 class _Recipe(_Config):
     recipe: str = param("", "a named set of values for the parameters left at their defaults: scratch (ResNet50 "
-                            "from random weights, at 64 px, augmented; see README, Accuracy)")
+                            "from random weights, at 112 px, augmented; see README, Accuracy)")
 
 
 def with_recipe(cls, options: dict):
