@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 FEATURE_CACHE = ("auto", "off")
 AUGMENTS = ("none", "cells", "xray", "auto")
 AUGMENT_OF = {"blood_cells": "cells", "covid19": "xray"}  # augment=auto, by preset; other data: none
+TTAS = ("auto", "none", "dihedral")
 SCHEDULES = ("constant", "cosine")
 # A recipe: values for the parameters a command leaves at their defaults (pipeline.cli). scratch:
 # ResNet50 from random weights, for machines that cannot fetch ImageNet's (benchmarks/accuracy.py).
@@ -98,6 +99,7 @@ CHECKS = {
     "patience": (_within(1, EPOCHS_MAX), f"must be from 1 to {EPOCHS_MAX} epochs without improvement"),
     "min_delta": (lambda v: 0 <= v < 1, "must be a val_loss drop from 0 (any drop counts) to below 1, e.g. 1e-4"),
     "augment": (lambda v: v in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
+    "tta": (lambda v: v in TTAS, f"must be one of {', '.join(TTAS)}"),
     "class_weight": (lambda v: v in CLASS_WEIGHTS, f"must be one of {', '.join(CLASS_WEIGHTS)}"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1"),
     "weight_decay": (lambda v: 0 <= v < 1, "must be in [0, 1): 0 (none) or a decoupled decay rate, e.g. 0.05"),
@@ -148,6 +150,13 @@ class _Config:
 @dataclass(frozen=True, kw_only=True)
 class _Experiment(_Config):
     experiment: str = param("", "MLflow experiment; default: the dataset's name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Evaluate(_Config):
+    tta: str = param("auto", "test-time augmentation: dihedral (score the mean of each test image's 8 flips and "
+                             "quarter turns), none, or auto (dihedral for a model trained with augment=cells, "
+                             "whose images have no orientation; else none)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +238,7 @@ class TrainConfig(_Recipe, ModelParams, _Experiment):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(_Experiment):
+class EvaluateConfig(_Evaluate, _Experiment):
     model: str = param(help="model URI: runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
     data: str = param(help="prepared-data URI printed by prepare, e.g. runs:/<id>/data")
     batch_size: int = param(32, "images per batch")
@@ -251,7 +260,7 @@ class _Search(_Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Main(ModelParams, DataParams, _Registry, _Experiment):
+class _Main(_Evaluate, ModelParams, DataParams, _Registry, _Experiment):
     pass
 
 

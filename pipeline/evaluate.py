@@ -22,6 +22,15 @@ from pipeline.tracking import log_input, step_run
 
 # Copied onto the model's training run so that runs compare on test figures in the MLflow UI.
 SUMMARY = ("test_accuracy", "test_loss", "test_macro_f1", "test_roc_auc")
+# The 8 flips and quarter turns of a batch of square images (n, size, size, channels), the identity first.
+DIHEDRAL = tuple((lambda x, k=k, flip=flip: np.rot90(x[:, :, ::-1] if flip else x, k, axes=(1, 2)))
+                 for flip in (False, True) for k in range(4))
+
+
+def tta_views(tta: str, augment: str) -> int:
+    """How many views of each test image evaluate averages: the 8 of DIHEDRAL for tta=dihedral, or
+    for tta=auto and a model trained with augment=cells (it learnt that they are the same image); else 1."""
+    return len(DIHEDRAL) if tta == "dihedral" or (tta == "auto" and augment == "cells") else 1
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,9 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
 
     Logs: the metrics of compute_metrics; confusion_matrix.csv and plots/confusion_matrix.png;
     predictions.csv (path, label, predicted, one probability column per class). The summary
-    metrics also go onto the run that logged the model.
+    metrics also go onto the run that logged the model. With test-time augmentation (tta_views > 1)
+    the metrics are those of the views' mean probabilities; tta_views and test_accuracy_one_view
+    (the identity view alone, as predict and serving score) are logged beside them.
     """
     data = prepared.load(cfg.data)
     test = _test_rows(data, cfg.data)
@@ -71,7 +82,7 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
         raise PipelineError(f"model classes {card.class_names} differ from the data's {data.class_names}: "
                             "evaluate the model on the dataset it was trained on")
     with step_run("evaluate", cfg, data.name, run_id=run_id) as run:
-        probs = _model_probabilities(model, card, test, cfg)
+        probs = _model_probabilities(model, card, test, cfg, tta_views(cfg.tta, card.config.get("augment", "none")))
         scores = _log_scores(data, test, probs)
         mlflow.set_tags({"model_uri": cfg.model, "source_run_id": source_run or ""})
     if source_run and source_run != run.info.run_id:
@@ -82,19 +93,20 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
     return EvaluateResult(run.info.run_id, scores)
 
 
-def evaluate_trained(trained, run_id: str) -> EvaluateResult:
+def evaluate_trained(trained, run_id: str, tta: str = "auto") -> EvaluateResult:
     """Score a model just trained (pipeline.train.Trained) on the test split of its data, into
     the run run_id (its train run): a head on the cached test features, nothing read back from
-    the store. Logs as evaluate does."""
+    the store. Logs as evaluate does (a head on cached features has one view: no tta)."""
     data, cfg = trained.data, trained.cfg
     test = _test_rows(data, cfg.data)
     with step_run("evaluate", cfg, data.name, run_id=run_id):
         if trained.is_head:
             features = split_features(trained.backbone, test, cfg.cache_dir, cfg.batch_size)
-            probs = _head_probabilities(trained.model, features, cfg.batch_size)
+            probs = _head_probabilities(trained.model, features, cfg.batch_size)[None]
         else:
             probs = _run_whole(trained.model, asdict(cfg), len(data.class_names), test, cfg.engine, cfg.batch_size,
-                               cache_dir=None)  # a new model: nothing will convert it again
+                               cache_dir=None,  # a new model: nothing will convert it again
+                               views=tta_views(tta, cfg.augment))
         scores = _log_scores(data, test, probs)
     return EvaluateResult(run_id, scores)
 
@@ -107,25 +119,35 @@ def _test_rows(data: prepared.PreparedData, uri: str) -> pd.DataFrame:
 
 
 def _log_scores(data: prepared.PreparedData, test: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
-    """Log the test metrics, tables and figure of probs into the active run; print the summary."""
+    """Log the test metrics, tables and figure of probs, (views, images, classes), into the active
+    run; print the summary. Several views: the metrics of their mean, and tta_views and
+    test_accuracy_one_view (the first view's) beside them."""
     log_input(data.mlflow_dataset("test"), "test")
-    scores, cm = compute_metrics(test["label_index"].to_numpy(), probs, data.class_names)
+    labels = test["label_index"].to_numpy()
+    scores, cm = compute_metrics(labels, probs.mean(axis=0), data.class_names)
+    if len(probs) > 1:
+        scores |= {"tta_views": float(len(probs)),
+                   "test_accuracy_one_view": float(np.mean(probs[0].argmax(axis=1) == labels))}
     mlflow.log_metrics(scores)
-    _log_tables(cm, test, probs, data.class_names)
-    print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores))
+    _log_tables(cm, test, probs.mean(axis=0), data.class_names)
+    print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores)
+          + (f" (mean of {len(probs)} flips and turns; one view: test_accuracy={scores['test_accuracy_one_view']:.4f})"
+             if len(probs) > 1 else ""))
     return scores
 
 
-def _model_probabilities(model, card: ModelCard, rows: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
-    """Class probabilities for rows; a frozen-backbone model runs its head on cached features of
-    the same backbone (checked by its weights' digest), any other model runs whole on cfg.engine."""
-    if cfg.feature_cache == "auto" and card.frozen_backbone:
+def _model_probabilities(model, card: ModelCard, rows: pd.DataFrame, cfg: EvaluateConfig, views: int) -> np.ndarray:
+    """Class probabilities for rows, (views, images, classes); a frozen-backbone model scored on one
+    view runs its head on cached features of the same backbone (checked by its weights' digest),
+    any other model runs whole on cfg.engine."""
+    if cfg.feature_cache == "auto" and card.frozen_backbone and views == 1:
         backbone = Backbone(card.config["weights"], card.image_size, card.config["seed"], resolve_engine(cfg.engine),
                             card.precision)
         features = split_features(backbone, rows, cfg.cache_dir, cfg.batch_size)
         if features.backbone_digest == card.backbone_digest:
-            return _head_probabilities(model.get_layer("head"), features, cfg.batch_size)
-    return _run_whole(model, card.config, len(card.class_names), rows, cfg.engine, cfg.batch_size, cfg.cache_dir)
+            return _head_probabilities(model.get_layer("head"), features, cfg.batch_size)[None]
+    return _run_whole(model, card.config, len(card.class_names), rows, cfg.engine, cfg.batch_size, cfg.cache_dir,
+                      views)
 
 
 def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
@@ -136,12 +158,17 @@ def _head_probabilities(head, features, batch_size: int) -> np.ndarray:
 
 
 def _run_whole(model, config: dict, n_classes: int, rows: pd.DataFrame, engine: str, batch_size: int,
-               cache_dir: str | None) -> np.ndarray:
-    """Probabilities of the whole image-to-class model over rows' images, on engine."""
+               cache_dir: str | None, views: int = 1) -> np.ndarray:
+    """Probabilities of the whole image-to-class model over the first views of DIHEDRAL of rows'
+    images, on engine: (views, images, classes)."""
     runner = compile_classifier(model, config, n_classes, engine, resolve_precision(config.get("precision", "auto")),
                                 cache_dir)
-    batches = (images.numpy() for images, _ in make_dataset(rows, config["image_size"], batch_size))
-    return runner.run(batches, np.empty((len(rows), n_classes), np.float32))
+    out = np.empty((views, len(rows), n_classes), np.float32)
+    for view, probs in zip(DIHEDRAL[:views], out):  # each view decodes the images again: cheaper than holding them
+        batches = (np.ascontiguousarray(view(images.numpy()))
+                   for images, _ in make_dataset(rows, config["image_size"], batch_size))
+        runner.run(batches, probs)
+    return out
 
 
 def _log_tables(cm: pd.DataFrame, test: pd.DataFrame, probs: np.ndarray, class_names: list[str]) -> None:

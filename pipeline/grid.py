@@ -100,7 +100,7 @@ def _point(number: int, point: TrainConfig, digest: str, cfg: GridConfig) -> tup
     for tag, value in {"mlflow.runName": f"point-{number}", "grid_point": str(number),
                        "grid_key": _key(point, digest)}.items():
         client.set_tag(result.run_id, tag, value)
-    scores = evaluate_trained(result.trained, run_id=result.run_id)
+    scores = evaluate_trained(result.trained, run_id=result.run_id, tta=cfg.tta)
     metrics = {**scores.metrics, "best_val_accuracy": result.best_val_accuracy,
                "learning_time_s": result.learning_time_s}
     return _row(number, point, result.run_id, result.model_uri, metrics), result.trained

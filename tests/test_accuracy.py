@@ -16,6 +16,7 @@ from pipeline.card import load_model
 from pipeline.config import RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.data import load_images
 from pipeline.engine import compile_classifier
+from pipeline.evaluate import DIHEDRAL, tta_views
 from pipeline.model import FusedAdam, SmoothedSparseCrossentropy, build_model, for_inference
 from pipeline.prepare import prepare
 from pipeline.train import _restored, class_weights, for_data, train, uses_feature_cache
@@ -193,6 +194,15 @@ def test_best_epoch_is_the_epoch_early_stopping_restores(min_delta):
     for epoch, loss in enumerate(losses):
         stop.on_epoch_end(epoch, {"val_loss": loss})
     assert _restored(losses, min_delta) == stop.best_epoch == {0.0: 6, 1e-4: 5, 0.05: 3}[min_delta]
+
+
+def test_tta_views_are_the_eight_flips_and_quarter_turns_of_a_model_trained_for_them():
+    image = np.zeros((1, 5, 5, 1), np.float32)
+    image[0, 0, 1] = 1  # one pixel on no axis of symmetry: each flip or turn moves it somewhere else
+    spots = [tuple(np.argwhere(view(image)[0, ..., 0])[0]) for view in DIHEDRAL]
+    assert spots[0] == (0, 1) and len(set(spots)) == 8
+    assert tta_views("auto", "cells") == tta_views("dihedral", "none") == 8
+    assert tta_views("auto", "xray") == tta_views("auto", "none") == tta_views("none", "cells") == 1
 
 
 def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():

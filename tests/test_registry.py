@@ -11,8 +11,10 @@ from conftest import make_dataset, tiny
 
 from pipeline import cli as cli_module
 from pipeline import prepared
-from pipeline.card import read_card
+from pipeline.card import load_model, read_card
 from pipeline.config import EvaluateConfig, GridConfig, MainConfig, PipelineError
+from pipeline.data import load_images
+from pipeline.engine import compile_classifier
 from pipeline.evaluate import evaluate
 from pipeline.grid import grid
 from pipeline.registry import CHAMPION, TAGS, accuracy_on, register, shared_validation_rows, versions
@@ -134,6 +136,27 @@ def test_evaluate_takes_the_champion_alias(trained):
     e = evaluate(EvaluateConfig(model=f"models:/{NAME}@{CHAMPION}", data=result.data_uri, experiment="by-alias"))
     assert e.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
     assert mlflow.get_run(e.run_id).data.tags["source_run_id"] == mlflow.get_run(result.run_id).data.tags["train_run_id"]
+
+
+def test_evaluate_with_dihedral_tta_scores_the_mean_of_each_images_eight_flips_and_turns(trained):
+    _, result = trained
+    uri = f"models:/{NAME}@{CHAMPION}"
+    test = prepared.load(result.data_uri).split("test")
+    model, card, _ = load_model(uri)
+    runner = compile_classifier(model, card.config, len(card.class_names), "tensorflow", card.precision)
+    images, labels = load_images(test["path"], card.image_size), test["label_index"].to_numpy()
+    views = np.stack([runner(np.ascontiguousarray(np.rot90(x, k, axes=(1, 2))))
+                      for x in (images, images[:, :, ::-1]) for k in range(4)])
+    assert not np.allclose(views[0], views.mean(axis=0), atol=1e-3)  # the views do differ for this model
+    e = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta", tta="dihedral", engine="tensorflow"))
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{e.run_id}/predictions.csv"))
+    assert list(logged["path"]) == list(test["path"])
+    np.testing.assert_allclose(logged[[f"p_{c}" for c in card.class_names]], views.mean(axis=0), atol=1e-3)
+    assert e.metrics["tta_views"] == 8 and mlflow.get_run(e.run_id).data.params["tta"] == "dihedral"
+    assert e.metrics["test_accuracy_one_view"] == pytest.approx(np.mean(views[0].argmax(axis=1) == labels))
+    assert e.metrics["test_accuracy"] == pytest.approx(np.mean(views.mean(axis=0).argmax(axis=1) == labels))
+    first = mlflow.get_run(mlflow.get_run(result.run_id).data.tags["evaluate_run_id"])  # main's, at tta=auto
+    assert first.data.params["tta"] == "auto" and "tta_views" not in first.data.metrics  # augment=none: one view
 
 
 def test_models_list_and_show_print_versions_aliases_runs_and_metrics(trained):
