@@ -172,6 +172,7 @@ def trained(tmp_path_factory):
 DURATIONS = "pipeline/durations"  # pytest's cache (.pytest_cache): seconds per test in the last run
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, and those of the
     PostgreSQL server, each go to one worker, which makes it once; the others spread, longest

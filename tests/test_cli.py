@@ -93,7 +93,7 @@ BAD_VALUES = {
     "weights": "/no/such/file.h5", "fine_tune": "-3", "pooling": "max", "units": 0, "hidden_layers": -1,
     "dropout": 1.0, "precision": "float8", "feature_cache": "maybe", "learning_rate": -1.0, "epochs": 0,
     "batch_size": 0, "patience": 0, "min_delta": -0.1, "augment": "rotate", "class_weight": "inverse", "finetune_epochs": -1,
-    "finetune_learning_rate": 0.0, "data": "", "model": "", "input": "", "output": "",
+    "finetune_learning_rate": 0.0, "tta": "flips", "data": "", "model": "", "input": "", "output": "",
     "n_trials": 0, "timeout": -1, "workers": 0, "storage": "", "pruner": "sometimes", "heartbeat_interval": 0,
     "grace_period": 0, "engine": "onnx", "log_models": "none", "run": "", "port": 0,
     "label_smoothing": 1.0, "weight_decay": -0.01, "schedule": "linear", "recipe": "fast",

@@ -68,8 +68,9 @@ def pipeline_server(trained, tracking_store, tmp_path_factory):
 
 
 @pytest.fixture(params=["mlflow models serve", "python -m pipeline serve"])
-def any_server(request) -> str:
-    """Each server in turn: they serve the same model with the same scoring app."""
+def any_server(request, trained) -> str:
+    """Each server in turn: they serve the same model with the same scoring app. (trained, which
+    both need, named here too: it puts the tests in the worker that has it, conftest.py.)"""
     return request.getfixturevalue({"mlflow models serve": "server"}.get(request.param, "pipeline_server"))
 
 
