@@ -202,7 +202,7 @@ def markdown(blocks: list) -> str:
     out = []
     for kind, *content in blocks:
         if kind == "table":
-            out.append(content[0].to_markdown(index=False))
+            out.append(content[0].to_markdown(index=False, disable_numparse=True))  # "0.5000" stays as formatted
         elif kind == "img":
             out.append(f"![{content[0]}]({content[1]})")
         else:

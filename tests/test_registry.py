@@ -157,6 +157,9 @@ def test_evaluate_with_dihedral_tta_scores_the_mean_of_each_images_eight_flips_a
     assert e.metrics["test_accuracy"] == pytest.approx(np.mean(views.mean(axis=0).argmax(axis=1) == labels))
     first = mlflow.get_run(mlflow.get_run(result.run_id).data.tags["evaluate_run_id"])  # main's, at tta=auto
     assert first.data.params["tta"] == "auto" and "tta_views" not in first.data.metrics  # augment=none: one view
+    # evaluate copies its figures onto the model's train run, which other tests read: back to main's (one view)
+    again = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta"))
+    assert again.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
 
 
 def test_models_list_and_show_print_versions_aliases_runs_and_metrics(trained):

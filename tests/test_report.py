@@ -31,7 +31,7 @@ def test_report_has_the_table_figures_and_champion(trained, tmp_path):
     assert ["Hidden Layer", "Dense Count", "Learning Rate", "Accuracy", "Learning Time(ms)", "Val Accuracy"] == rows["Model"]
     assert rows[f"train `{train_run_id[:8]}` **champion**"][:5] == [
         "1", "8", "0.001", f"{train.metrics['test_accuracy']:.4f}", f"{train.metrics['learning_time_s'] * 1000:.0f}"]
-    assert rows[f"point-3 `{other.info.run_id[:8]}`"][:5] == ["3", "64", "5e-05", "0.125", "4568"]
+    assert rows[f"point-3 `{other.info.run_id[:8]}`"][:5] == ["3", "64", "5e-05", "0.1250", "4568"]
     assert failed.info.run_id[:8] not in text
     # one section per prepared dataset: its name, digest and counts
     digest = train.tags["data_digest"]
