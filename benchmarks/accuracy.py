@@ -11,8 +11,9 @@ with recipe=scratch (pipeline.config.RECIPES: a ResNet50 from random weights, si
 machines cannot fetch ImageNet's; --set name=value overrides any train parameter), and scores the
 restored epoch (lowest val_loss) with the pipeline's evaluate, the only step that reads the test
 split (tta=auto: for blood_cells, trained with augment=cells, the mean of each image's 8 flips and
-quarter turns, and the one-view accuracy printed beside it). --grid then runs the studies' seven-point grid frozen on the backbone just trained
-(weights=<the trained model's URI>, the same image size) and prints its table.
+quarter turns, and the one-view accuracy printed beside it). --grid then runs the studies'
+seven-point grid frozen on the backbone just trained (weights=<the trained model's URI>, the same
+image size) and prints its table.
 
 The budget covers prepare, training and evaluation (not --grid): training stops early once another
 epoch plus the evaluation would not fit. Prints each epoch's time; for blood_cells, in how many of
