@@ -1,7 +1,7 @@
 """Honest test accuracy offline: the from-scratch recipe in a time budget, scored on the official TEST split.
 
     PIPELINE_DATA_DIR=../shared/data python benchmarks/accuracy.py [--minutes 60] [--grid]
-    PIPELINE_DATA_DIR=../shared/data python benchmarks/accuracy.py --dataset covid19 --minutes 20
+    PIPELINE_DATA_DIR=../shared/data python benchmarks/accuracy.py --dataset covid19 --minutes 30 --set epochs=24
     PIPELINE_DATA_DIR=../shared/data python benchmarks/accuracy.py --set label_smoothing=0   # an ablation
     PIPELINE_DATA_DIR=../shared/data python benchmarks/accuracy.py --minutes 3 --max-per-class 100 --set epochs=2  # smoke
 
