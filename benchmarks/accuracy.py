@@ -32,12 +32,12 @@ import keras
 import mlflow
 import pandas as pd
 
-from pipeline import datasets
-from pipeline.config import AUGMENT_OF, PRESETS, RECIPES, EvaluateConfig, GridConfig, PrepareConfig, TrainConfig, with_recipe
+from pipeline import datasets, prepared
+from pipeline.config import PRESETS, RECIPES, EvaluateConfig, GridConfig, PrepareConfig, TrainConfig, with_recipe
 from pipeline.evaluate import evaluate, tta_views
 from pipeline.grid import grid
 from pipeline.prepare import prepare
-from pipeline.train import train
+from pipeline.train import for_data, train
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -125,7 +125,7 @@ def run(args, folder: str, deadline: float) -> float:
     print(f"images: train={counts['train']} val={counts['val']} test={counts['test']}", flush=True)
     cfg = train_config(args, data.data_uri, folder)
     print("train: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in RECIPES[args.recipe]), flush=True)
-    views = tta_views("auto", AUGMENT_OF.get(args.dataset, "none") if cfg.augment == "auto" else cfg.augment)
+    views = tta_views("auto", for_data(cfg, prepared.load(data.data_uri)).augment)
     trained = train(cfg, callbacks=[TimeBudget(deadline, counts["test"] * views, counts["val"])])
     epochs = len(mlflow.MlflowClient().get_metric_history(trained.run_id, "val_loss"))
     best = int(mlflow.get_run(trained.run_id).data.metrics["best_epoch"])

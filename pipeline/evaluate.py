@@ -71,9 +71,9 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
 
     Logs: the metrics of compute_metrics; confusion_matrix.csv and plots/confusion_matrix.png;
     predictions.csv (path, label, predicted, one probability column per class). The summary
-    metrics also go onto the run that logged the model. With test-time augmentation (tta_views > 1)
-    the metrics are those of the views' mean probabilities; tta_views and test_accuracy_one_view
-    (the identity view alone, as predict and serving score) are logged beside them.
+    metrics also go onto the run that logged the model, with tta_views (the views scored per image)
+    and, with test-time augmentation (tta_views > 1), test_accuracy_one_view: the metrics are then
+    those of the views' mean probabilities, and the one-view figure is what predict and serving give.
     """
     data = prepared.load(cfg.data)
     test = _test_rows(data, cfg.data)
@@ -87,7 +87,7 @@ def evaluate(cfg: EvaluateConfig, run_id: str | None = None) -> EvaluateResult:
         mlflow.set_tags({"model_uri": cfg.model, "source_run_id": source_run or ""})
     if source_run and source_run != run.info.run_id:
         client = mlflow.MlflowClient()
-        for key in SUMMARY:
+        for key in (*SUMMARY, "tta_views", "test_accuracy_one_view"):
             if key in scores:
                 client.log_metric(source_run, key, scores[key])
     return EvaluateResult(run.info.run_id, scores)
@@ -120,16 +120,16 @@ def _test_rows(data: prepared.PreparedData, uri: str) -> pd.DataFrame:
 
 def _log_scores(data: prepared.PreparedData, test: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
     """Log the test metrics, tables and figure of probs, (views, images, classes), into the active
-    run; print the summary. Several views: the metrics of their mean, and tta_views and
-    test_accuracy_one_view (the first view's) beside them."""
+    run; print the summary. The metrics are those of the views' mean, with tta_views beside them
+    and, for several views, test_accuracy_one_view (the first view's)."""
     log_input(data.mlflow_dataset("test"), "test")
-    labels = test["label_index"].to_numpy()
-    scores, cm = compute_metrics(labels, probs.mean(axis=0), data.class_names)
+    labels, mean = test["label_index"].to_numpy(), probs.mean(axis=0)
+    scores, cm = compute_metrics(labels, mean, data.class_names)
+    scores["tta_views"] = float(len(probs))
     if len(probs) > 1:
-        scores |= {"tta_views": float(len(probs)),
-                   "test_accuracy_one_view": float(np.mean(probs[0].argmax(axis=1) == labels))}
+        scores["test_accuracy_one_view"] = float(np.mean(probs[0].argmax(axis=1) == labels))
     mlflow.log_metrics(scores)
-    _log_tables(cm, test, probs.mean(axis=0), data.class_names)
+    _log_tables(cm, test, mean, data.class_names)
     print(" ".join(f"{k}={scores[k]:.4f}" for k in SUMMARY if k in scores)
           + (f" (mean of {len(probs)} flips and turns; one view: test_accuracy={scores['test_accuracy_one_view']:.4f})"
              if len(probs) > 1 else ""))

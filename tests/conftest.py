@@ -195,6 +195,7 @@ def pytest_terminal_summary(terminalreporter, config):
     seconds = {}
     for report in (r for reports in terminalreporter.stats.values() for r in reports):
         if getattr(report, "when", None) and getattr(report, "nodeid", None):
-            seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
+            node = report.nodeid.split("@")[0]  # without xdist's group suffix, as collection sees it
+            seconds[node] = seconds.get(node, 0) + report.duration
     if seconds and hasattr(config, "cache") and not hasattr(config, "workerinput"):
         config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **seconds})

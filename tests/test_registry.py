@@ -148,17 +148,21 @@ def test_evaluate_with_dihedral_tta_scores_the_mean_of_each_images_eight_flips_a
     views = np.stack([runner(np.ascontiguousarray(np.rot90(x, k, axes=(1, 2))))
                       for x in (images, images[:, :, ::-1]) for k in range(4)])
     assert not np.allclose(views[0], views.mean(axis=0), atol=1e-3)  # the views do differ for this model
-    e = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta", tta="dihedral", engine="tensorflow"))
-    logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{e.run_id}/predictions.csv"))
-    assert list(logged["path"]) == list(test["path"])
-    np.testing.assert_allclose(logged[[f"p_{c}" for c in card.class_names]], views.mean(axis=0), atol=1e-3)
-    assert e.metrics["tta_views"] == 8 and mlflow.get_run(e.run_id).data.params["tta"] == "dihedral"
-    assert e.metrics["test_accuracy_one_view"] == pytest.approx(np.mean(views[0].argmax(axis=1) == labels))
-    assert e.metrics["test_accuracy"] == pytest.approx(np.mean(views.mean(axis=0).argmax(axis=1) == labels))
+    try:
+        e = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta", tta="dihedral",
+                                    engine="tensorflow"))
+        logged = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{e.run_id}/predictions.csv"))
+        assert list(logged["path"]) == list(test["path"])
+        np.testing.assert_allclose(logged[[f"p_{c}" for c in card.class_names]], views.mean(axis=0), atol=1e-3)
+        assert e.metrics["tta_views"] == 8 and mlflow.get_run(e.run_id).data.params["tta"] == "dihedral"
+        assert e.metrics["test_accuracy_one_view"] == pytest.approx(np.mean(views[0].argmax(axis=1) == labels))
+        assert e.metrics["test_accuracy"] == pytest.approx(np.mean(views.mean(axis=0).argmax(axis=1) == labels))
+        source = mlflow.get_run(e.run_id).data.tags["source_run_id"]
+        assert mlflow.get_run(source).data.metrics["tta_views"] == 8  # the train run says which figure it holds
+    finally:  # evaluate copies its figures onto the model's train run, which other tests read: back to main's
+        again = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta"))
     first = mlflow.get_run(mlflow.get_run(result.run_id).data.tags["evaluate_run_id"])  # main's, at tta=auto
-    assert first.data.params["tta"] == "auto" and "tta_views" not in first.data.metrics  # augment=none: one view
-    # evaluate copies its figures onto the model's train run, which other tests read: back to main's (one view)
-    again = evaluate(EvaluateConfig(model=uri, data=result.data_uri, experiment="tta"))
+    assert first.data.params["tta"] == "auto" and first.data.metrics["tta_views"] == 1  # augment=none: one view
     assert again.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
 
 
