@@ -12,7 +12,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import liveness, prepared
 from pipeline.card import ModelCard, log_model
-from pipeline.config import AUGMENT_OF, LogModelConfig, PipelineError, TrainConfig
+from pipeline.config import AUGMENT_OF, RECIPE_FOR_DATA, RECIPES, LogModelConfig, PipelineError, TrainConfig
 from pipeline.data import load_images, make_dataset
 from pipeline.features import Backbone, FeatureBatches, Features, split_features, weights_digest
 from pipeline.model import (backbone_identity, build_head, build_model, builder_of, compile_for_training,
@@ -179,7 +179,10 @@ def fit(cfg: TrainConfig, data: prepared.PreparedData, callbacks=(), log: bool =
 
 
 def for_data(cfg: TrainConfig, data: prepared.PreparedData) -> TrainConfig:
-    """cfg with augment=auto made the augmentation of data's preset (none for other data)."""
+    """cfg with augment=auto made the augmentation of data's preset (none for other data), and its
+    recipe's values for that preset (RECIPE_FOR_DATA) where it has the recipe's own."""
+    recipe, own = RECIPES.get(cfg.recipe, {}), RECIPE_FOR_DATA.get(cfg.recipe, {}).get(data.name, {})
+    cfg = replace(cfg, **{k: v for k, v in own.items() if getattr(cfg, k) == recipe[k]})
     return replace(cfg, augment=AUGMENT_OF.get(data.name, "none")) if cfg.augment == "auto" else cfg
 
 

@@ -13,7 +13,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import prepared
 from pipeline.card import load_model
-from pipeline.config import RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
+from pipeline.config import RECIPE_FOR_DATA, RECIPES, ModelParams, PipelineError, PrepareConfig, TrainConfig, with_recipe
 from pipeline.data import load_images
 from pipeline.engine import compile_classifier
 from pipeline.evaluate import DIHEDRAL, tta_views
@@ -213,6 +213,11 @@ def test_a_recipe_fills_only_the_parameters_left_at_their_defaults():
     assert with_recipe(TrainConfig, {"data": "runs:/x/data", "recipe": ""}) == TrainConfig(data="runs:/x/data")
     cells = for_data(TrainConfig(data="runs:/x/data", augment="auto"), SimpleNamespace(name="blood_cells"))
     assert cells.augment == "cells"
+    recipe = with_recipe(TrainConfig, {"data": "runs:/x/data", "recipe": "scratch"})
+    xrays = RECIPE_FOR_DATA["scratch"]["covid19"]["epochs"]
+    assert xrays != recipe.epochs == for_data(recipe, SimpleNamespace(name="blood_cells")).epochs
+    assert for_data(recipe, SimpleNamespace(name="covid19")).epochs == xrays  # the recipe's own value: the preset's
+    assert for_data(replace(recipe, epochs=3), SimpleNamespace(name="covid19")).epochs == 3  # the user's: kept
 
 
 @pytest.mark.slow
