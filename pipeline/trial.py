@@ -1,5 +1,5 @@
-"""Trials of tune, in a process of the worker's: train the suggested config in a child run of the
-tune run, report each epoch to Optuna, stop when pruned, record the process's memory.
+"""Trial processes of tune's workers: each asks the study for trials and runs them
+(pipeline.objective trains them), beating, and tells Optuna how each ended.
 
 A trial process runs up to job.trials_per_process trials (pipeline.study.TRIALS_PER_PROCESS),
 then its worker starts a fresh one: Keras, TensorFlow (traced functions) and MLflow each keep a
@@ -22,17 +22,12 @@ import threading
 import time
 import warnings
 from multiprocessing import forkserver, reduction, resource_tracker
-from pathlib import Path
 
-import keras
-import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.config import TrainConfig
-from pipeline.liveness import REASON, Stopped, beating, owner_tags, stop_on_signals
-from pipeline.study import (Job, beat, claim_trial, counted, fail_dead_trials, locked, open_study, print_trial,
-                            seed_sampler, suggest, worker_id)
+from pipeline.liveness import Stopped, beating, stop_on_signals
+from pipeline.study import Job, beat, claim_trial, counted, fail_dead_trials, locked, open_study, print_trial, seed_sampler
 
 # What a worker's forkserver imports before it forks any trial process: the third-party packages
 # whose import is a fresh process's start-up cost. Not `pipeline` itself: Python 3.11 starts the
@@ -129,6 +124,8 @@ def run_trial(job: Job, worker: str, index: int, deadline: float | None, inherit
     it starts no more trials (tune's timeout); inherited: the worker's environment and output."""
     inherited.adopt()
     die_with_worker()
+    from pipeline.objective import Objective  # TensorFlow loads here, in the trial process, never in its worker
+
     stop_on_signals()
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent, not this trial's run
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # print_trial reports the trial instead
@@ -164,94 +161,3 @@ def _run(trial: optuna.Trial, objective, interval: int) -> optuna.trial.FrozenTr
         print_trial(trial.study, trial.study.tell(trial, state=TrialState.FAIL))
         raise
     return trial.study.tell(trial, value)
-
-
-class Objective:
-    """Train the trial's config in a child run of the tune run; return its best_val_accuracy."""
-
-    def __init__(self, job: Job, worker: str):
-        self.job, self.worker = job, worker
-        self.base = job.cfg.to(TrainConfig, data=job.data_uri, experiment=job.experiment)
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        """The trial's best_val_accuracy; raises TrialPruned when pruned. Its run ends FINISHED
-        (optuna_state COMPLETE), KILLED (PRUNED, or stopped by a signal: FAIL), or FAILED (FAIL)."""
-        from pipeline.train import train
-
-        point = suggest(trial, self.base, self.job.cfg.weights)
-        run_id, report = self._start_run(trial), ReportEpochs(trial)
-        try:
-            result = train(point, callbacks=[report], log_model=self.job.cfg.log_models == "all", run_id=run_id)
-        except optuna.TrialPruned:
-            end_run(run_id, "PRUNED", "KILLED", pruned_at_epoch=str(max(report.reported, default=0)))
-            raise
-        except KeyboardInterrupt as e:  # train's step_run ended it KILLED, unless the stop came before it began
-            end_run(run_id, "FAIL", "KILLED", **{REASON: str(e)})
-            raise
-        except BaseException:
-            end_run(run_id, "FAIL", "FAILED")
-            raise
-        finally:
-            record_memory(trial, run_id)
-        trial.set_user_attr("model_uri", result.model_uri)
-        end_run(run_id, "COMPLETE")
-        return result.best_val_accuracy
-
-    def _start_run(self, trial: optuna.Trial) -> str:
-        """The trial's run, made before train logs into it, so that it names its trial, process and
-        parent from its first moment and the trial links to it (user attr mlflow_run_id, which
-        optuna-dashboard shows) however the trial ends: complete, pruned or failed."""
-        tags = {"optuna_study": self.job.study_name, "optuna_trial": str(trial.number), "optuna_state": "RUNNING",
-                "optuna_process": worker_id(), "optuna_worker": self.worker,
-                "mlflow.parentRunId": self.job.parent_run_id, **owner_tags()}
-        if "grid_point" in trial.user_attrs:
-            tags["grid_point"] = str(trial.user_attrs["grid_point"])
-        experiment = mlflow.get_experiment_by_name(self.job.experiment).experiment_id
-        run = mlflow.MlflowClient().create_run(experiment, tags=tags, run_name=f"trial-{trial.number}")
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        return run.info.run_id
-
-
-class ReportEpochs(keras.callbacks.Callback):
-    """Reports each epoch's val_accuracy to the trial, at the epoch's number from 1 (as the run's
-    metric steps), and raises TrialPruned when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial):
-        super().__init__()
-        self.trial, self.reported = trial, []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_accuracy"]), epoch + 1)
-        self.reported.append(epoch + 1)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-
-def end_run(run_id: str, state: str, status: str | None = None, **tags) -> None:
-    """Tag a trial's run with its Optuna state and set its status if train did not: a pruned
-    trial was stopped on purpose, before the end: KILLED, not FAILED."""
-    client = mlflow.MlflowClient()
-    for key, value in {"optuna_state": state, **tags}.items():
-        client.set_tag(run_id, key, value)
-    if status:
-        client.set_terminated(run_id, status)
-
-
-def record_memory(trial: optuna.Trial, run_id: str) -> None:
-    """The process's memory after the trial, as trial user attrs and run metrics: rss_mb (resident
-    now, the Keras session cleared) and peak_rss_mb (its high-water mark: the peak of this trial
-    and of the trials its process ran before)."""
-    keras.backend.clear_session(free_memory=True)
-    memory = rss_mb()
-    for key, value in memory.items():
-        trial.set_user_attr(key, value)
-        mlflow.MlflowClient().log_metric(run_id, key, value)
-
-
-def rss_mb() -> dict[str, float]:
-    """{"rss_mb": ..., "peak_rss_mb": ...} of this process from /proc/self/status; {} elsewhere."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return {}
-    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}

@@ -31,6 +31,7 @@ from pipeline.liveness import Stopped, stop_on_signals
 from pipeline.study import (Job, counted, default_study_name, die_with_parent, fail_dead_trials, grid_params,
                             link_to_mlflow, locked, open_study, queue_grid, suggest, worker_id)
 from pipeline.tracking import claim, step_run
+from pipeline.trial import start_trial
 
 POLL_S = 2  # how often a worker with nothing to start looks at the study again
 FIGURES = ("plot_optimization_history", "plot_param_importances", "plot_parallel_coordinate")
@@ -168,8 +169,6 @@ def work(job: Job, index: int) -> None:
     (n_trials finished, none running: other workers' trials, here or on other machines, count,
     and a worker waits for them, since a dead one is failed and retried) or cfg.timeout has passed.
     A stop (SIGTERM, SIGINT) is passed on to the running trial, which ends cleanly first."""
-    from pipeline.trial import start_trial
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, me = open_study(job.cfg, job.study_name), worker_id()
     deadline = time.time() + job.cfg.timeout if job.cfg.timeout else None  # the trial processes stop there too

@@ -334,6 +334,8 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
             break
         time.sleep(0.5)
     assert first.poll() is None and len(running), (tmp_path / "first.log").read_text()[-3000:]
+    # The worker only starts trial processes and waits for them: TensorFlow is loaded there, not in it.
+    assert "tensorflow" not in Path(f"/proc/{first.pid}/maps").read_text()
     first.kill()  # SIGKILL: no clean-up at all
     first.wait()
     [killed_run] = running["run_id"]
