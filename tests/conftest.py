@@ -51,6 +51,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def left_in(session: int) -> list[str]:
+    """The command lines of the processes of a session still there (zombies' are empty)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == session:
+                left.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:200])
+        except (OSError, ValueError, IndexError):
+            continue
+    return left
+
+
 def stop_group(process: subprocess.Popen, seconds: float = 20) -> None:
     """End a server started with start_new_session=True and every process of its group: SIGTERM,
     then SIGKILL after seconds. A group already gone (the server exited by itself) is no error."""

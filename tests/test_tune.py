@@ -14,13 +14,13 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-from conftest import make_dataset, tiny, tiny_args
+from conftest import left_in, make_dataset, tiny, tiny_args
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from pipeline.config import GridConfig, PipelineError, TrainConfig, TuneConfig
 from pipeline.grid import _key, grid, point_configs
-from pipeline.liveness import is_dead, owner_key
+from pipeline.liveness import REASON, is_dead, owner_key
 from pipeline.study import (fail_dead_trials, grid_params, link_to_mlflow, open_storage, open_study, queue_grid,
                             seed_sampler, suggest)
 from pipeline.tune import grid_trials, start_study, tune
@@ -325,7 +325,7 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "pipeline", *tiny_args(
             "tune", dataset=cfg.dataset, storage=cfg.storage, n_trials=cfg.n_trials, pruner=cfg.pruner)],
-            stdout=log, stderr=log, env=env)
+            stdout=log, stderr=log, env=env, start_new_session=True)
     second_trial = "tags.optuna_trial = '1' and attributes.status = 'RUNNING'"
     deadline = time.time() + 180
     while first.poll() is None and time.time() < deadline:
@@ -338,6 +338,11 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     assert "tensorflow" not in Path(f"/proc/{first.pid}/maps").read_text()
     first.kill()  # SIGKILL: no clean-up at all
     first.wait()
+    # Nothing of it stays: its trial process dies with it, then its forkserver and resource tracker end.
+    deadline = time.time() + 30
+    while (stray := left_in(first.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not stray, stray
     [killed_run] = running["run_id"]
     [interrupted] = mlflow.search_runs(experiment_names=["killshapes"], filter_string="tags.step = 'tune'")["run_id"]
 
@@ -355,6 +360,8 @@ def test_tune_resumes_after_kill_9(tmp_path, capsys):
     assert trials[1].user_attrs["mlflow_run_id"] == killed_run  # a failed trial links to its run too
     killed = mlflow.get_run(killed_run)
     assert killed.info.status == "FAILED" and killed.data.tags["optuna_state"] == "FAIL"
+    reason = killed.data.tags[REASON]
+    assert reason.startswith(f"its process {socket.gethostname()}:") and " is gone" in reason, reason
     assert mlflow.search_runs(experiment_names=["killshapes"], filter_string="attributes.status = 'RUNNING'").empty
     out = capsys.readouterr().out
     assert "trial 1: its process is gone, marked FAIL" in out and "continuing the interrupted tune run" in out
