@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image folders and a throw-away MLflow tracking store."""
 
 import contextlib
+import gc
 import multiprocessing.util
 import os
 import signal
@@ -200,6 +201,14 @@ def pytest_collection_modifyitems(config, items):
         guess = 60 if item.get_closest_marker("slow") else 1
         weight[item.module] = weight.get(item.module, 0) + last.get(item.nodeid, guess)
     items.sort(key=lambda item: -weight[item.module])
+
+
+def pytest_sessionfinish(session):
+    """As a worker ends, pytest collects garbage five times (for exceptions raised in finalizers):
+    over a session's TensorFlow objects that took seconds at the very end of the run. Frozen
+    first, they are not traversed again; only a finalizer's exception in this last garbage goes
+    unreported."""
+    gc.freeze()
 
 
 def pytest_terminal_summary(terminalreporter, config):
