@@ -8,6 +8,7 @@ precision and the rest from it, never from folders or from loose keys.
 import base64
 import json
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -115,25 +116,46 @@ def _png_base64(image) -> str:
 
 def read_card(uri: str) -> tuple[ModelCard, str | None]:
     """(the card of the model at uri, the run that logged it), without loading the model."""
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except Exception as e:
-        raise PipelineError(f"cannot read model {uri!r} ({type(e).__name__}): pass a model URI logged by "
-                            "train, e.g. runs:/<id>/model or models:/<name>@champion") from None
+    info = _model_info(uri)
     return ModelCard.from_metadata(info.metadata, uri), info.run_id
 
 
+def _model_info(uri: str) -> mlflow.models.model.ModelInfo:
+    try:
+        return mlflow.models.get_model_info(uri)
+    except Exception as e:
+        raise PipelineError(f"cannot read model {uri!r} ({type(e).__name__}): pass a model URI logged by "
+                            "train, e.g. runs:/<id>/model or models:/<name>@champion") from None
+
+
+KEEP_LOADED = 2  # logged models kept loaded per process (load_model)
+_loaded: OrderedDict = OrderedDict()  # model_uuid -> Keras model, the last used last
+
+
 def load_model(uri: str) -> tuple["keras.Model", ModelCard, str | None]:
-    """(Keras model, its card, the run that logged it) of a model logged by log_model, or one line."""
+    """(Keras model, its card, the run that logged it) of a model logged by log_model, or one line.
+
+    A process loads a logged model once, whatever URI names it (MLflow's model_uuid: evaluate and
+    then register both read the model a command has just logged, by runs:/ and by models:/ URI;
+    a ResNet50 is about 95 MB to read and build): the last KEEP_LOADED stay loaded. The model
+    returned may be another caller's too: run it, read it, build from it, never change it."""
     import keras
 
     from pipeline import serving
 
-    card, run_id = read_card(uri)
+    info = _model_info(uri)
+    card = ModelCard.from_metadata(info.metadata, uri)
+    if info.model_uuid in _loaded:
+        _loaded.move_to_end(info.model_uuid)
+        return _loaded[info.model_uuid], card, info.run_id
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         artifacts = mlflow.models.Model.load(folder).flavors["python_function"]["artifacts"]
-        return keras.saving.load_model(folder / artifacts[serving.KERAS_ARTIFACT]["path"], compile=False), card, run_id
+        model = keras.saving.load_model(folder / artifacts[serving.KERAS_ARTIFACT]["path"], compile=False)
     except Exception as e:
         raise PipelineError(f"cannot load model {uri!r} ({type(e).__name__}): pass a model URI logged by "
                             "train, e.g. runs:/<id>/model or models:/<name>@champion") from None
+    _loaded[info.model_uuid] = model
+    while len(_loaded) > KEEP_LOADED:
+        _loaded.popitem(last=False)
+    return model, card, info.run_id

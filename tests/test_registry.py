@@ -1,7 +1,9 @@
 """The registry: versions with where they came from, the champion rule, look-up by alias."""
 
 import re
+from collections import OrderedDict
 
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -9,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_dataset, tiny
 
+from pipeline import card as card_module
 from pipeline import cli as cli_module
 from pipeline import prepared
 from pipeline.card import load_model, read_card
@@ -136,6 +139,18 @@ def test_evaluate_takes_the_champion_alias(trained):
     e = evaluate(EvaluateConfig(model=f"models:/{NAME}@{CHAMPION}", data=result.data_uri, experiment="by-alias"))
     assert e.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
     assert mlflow.get_run(e.run_id).data.tags["source_run_id"] == mlflow.get_run(result.run_id).data.tags["train_run_id"]
+
+
+def test_a_process_loads_a_logged_model_once_whatever_uri_names_it(trained, monkeypatch):
+    _, result = trained
+    monkeypatch.setattr(card_module, "_loaded", OrderedDict())  # as in a new process
+    loads, load = [], keras.saving.load_model
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: loads.append(a) or load(*a, **k))
+    model, card, run_id = load_model(result.model_uri)
+    assert load_model(f"models:/{NAME}@{CHAMPION}") == (model, card, run_id) and len(loads) == 1
+    monkeypatch.setattr(card_module, "_loaded", OrderedDict())
+    monkeypatch.setattr(card_module, "KEEP_LOADED", 0)  # none kept: each load reads it again
+    assert load_model(result.model_uri)[0] is not model and len(loads) == 2 and not card_module._loaded
 
 
 def test_evaluate_with_dihedral_tta_scores_the_mean_of_each_images_eight_flips_and_turns(trained):
