@@ -27,7 +27,8 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.liveness import Stopped, beating, stop_on_signals
-from pipeline.study import Job, beat, claim_trial, counted, fail_dead_trials, locked, open_study, print_trial, seed_sampler
+from pipeline.study import (Job, beat, claim_trial, counted, fail_dead_trials, locked, open_study, print_trial,
+                            seed_sampler)
 
 # What a worker's forkserver imports before it forks any trial process: the third-party packages
 # whose import is a fresh process's start-up cost. Not `pipeline` itself: Python 3.11 starts the
