@@ -135,17 +135,18 @@ _loaded: OrderedDict = OrderedDict()  # model_uuid -> Keras model, the last used
 def load_model(uri: str) -> tuple["keras.Model", ModelCard, str | None]:
     """(Keras model, its card, the run that logged it) of a model logged by log_model, or one line.
 
-    A process loads a logged model once, whatever URI names it (MLflow's model_uuid: evaluate and
-    then register both read the model a command has just logged, by runs:/ and by models:/ URI;
-    a ResNet50 is about 95 MB to read and build): the last KEEP_LOADED stay loaded. The model
-    returned may be another caller's too: run it, read it, build from it, never change it."""
+    A process loads a logged model once, whatever URI names it (runs:/, models:/m-<id>, a version
+    or an alias: MLflow's model_uuid): evaluate and then register both read the model a grid or
+    tune command has just logged, and a ResNet50 is about 95 MB to read and build. The last
+    KEEP_LOADED stay loaded. The model returned may be another caller's too: run it, read it,
+    build from it, never change it."""
     import keras
 
     from pipeline import serving
 
     info = _model_info(uri)
     card = ModelCard.from_metadata(info.metadata, uri)
-    if info.model_uuid in _loaded:
+    if info.model_uuid and info.model_uuid in _loaded:
         _loaded.move_to_end(info.model_uuid)
         return _loaded[info.model_uuid], card, info.run_id
     try:
@@ -155,7 +156,8 @@ def load_model(uri: str) -> tuple["keras.Model", ModelCard, str | None]:
     except Exception as e:
         raise PipelineError(f"cannot load model {uri!r} ({type(e).__name__}): pass a model URI logged by "
                             "train, e.g. runs:/<id>/model or models:/<name>@champion") from None
-    _loaded[info.model_uuid] = model
+    if info.model_uuid:  # one logged by MLflow 3 always has one
+        _loaded[info.model_uuid] = model
     while len(_loaded) > KEEP_LOADED:
         _loaded.popitem(last=False)
     return model, card, info.run_id

@@ -147,7 +147,10 @@ def test_a_process_loads_a_logged_model_once_whatever_uri_names_it(trained, monk
     loads, load = [], keras.saving.load_model
     monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: loads.append(a) or load(*a, **k))
     model, card, run_id = load_model(result.model_uri)
-    assert load_model(f"models:/{NAME}@{CHAMPION}") == (model, card, run_id) and len(loads) == 1
+    for uri in (f"runs:/{run_id}/model", f"models:/{NAME}@{CHAMPION}"):
+        again, again_card, again_run = load_model(uri)
+        assert again is model and (again_card, again_run) == (card, run_id), uri
+    assert len(loads) == 1
     monkeypatch.setattr(card_module, "_loaded", OrderedDict())
     monkeypatch.setattr(card_module, "KEEP_LOADED", 0)  # none kept: each load reads it again
     assert load_model(result.model_uri)[0] is not model and len(loads) == 2 and not card_module._loaded
