@@ -125,7 +125,7 @@ def run_trial(job: Job, worker: str, index: int, deadline: float | None, inherit
     it starts no more trials (tune's timeout); inherited: the worker's environment and output."""
     inherited.adopt()
     die_with_worker()
-    from pipeline.objective import Objective  # TensorFlow loads here, in the trial process, never in its worker
+    from pipeline.objective import Objective  # TensorFlow loads here, not in the worker that starts this
 
     stop_on_signals()
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent, not this trial's run

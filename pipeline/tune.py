@@ -9,6 +9,7 @@ resumes it after any interruption, and several processes, here or on other machi
 on it at once.
 """
 
+import importlib.util
 import multiprocessing
 import signal
 import sys
@@ -74,6 +75,8 @@ def tune(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> Tu
 
     source = datasets.locate(cfg.dataset, cfg.data_dir)
     datasets.scan(source)  # fail before any run starts
+    if importlib.util.find_spec("tensorflow") is None:  # trials import it, in processes of their own: the CLI's
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")  # one line, not theirs
     name = default_study_name(cfg, source.name)
     study = open_study(cfg, name)  # a bad storage fails here too
     parent_id = claim(cfg.experiment or source.name, {"step": "tune", "optuna_study": name}, "tune", exclusive=False)

@@ -245,6 +245,24 @@ def test_bad_parameter_is_one_line(args, message):
     assert lines[0].startswith("Error: ") and message in lines[0]
 
 
+def test_tune_without_tensorflow_stops_in_the_clis_one_line_before_any_run(tmp_path, monkeypatch):
+    """A worker imports no TensorFlow (its trials do, in processes of their own): tune checks that
+    it is installed before starting anything, so its absence is not a trial process's traceback."""
+    import importlib.util
+
+    import click
+
+    from pipeline.cli import one_line_errors
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorflow" else find_spec(name, *a))
+    cfg = tiny_config(make_dataset(tmp_path / "notfshapes", n=4), tmp_path / "optuna.db")
+    with pytest.raises(click.ClickException, match=r"^TensorFlow is not installed: pip install"), one_line_errors():
+        tune(cfg)
+    assert mlflow.get_experiment_by_name("notfshapes") is None
+
+
 def report_what_it_took_over(inherited) -> None:
     """A trial process's first step (pipeline.trial.run_trial), then what it has."""
     inherited.adopt()
