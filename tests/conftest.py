@@ -133,6 +133,13 @@ def eager_if_marked(request):
     if request.node.get_closest_marker("eager") is None:
         yield
         return
+    with eagerly():
+        yield
+
+
+@contextlib.contextmanager
+def eagerly():
+    """tf.functions run eagerly inside: for a fixture of eager tests, made before their own marks act."""
     import tensorflow as tf
     before = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(True)
@@ -187,13 +194,13 @@ DURATIONS = "pipeline/durations"  # pytest's cache (.pytest_cache): seconds per 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, and those of the
-    PostgreSQL server, each go to one worker, which makes it once; the others spread, longest
+    """Under pytest-xdist (--dist loadgroup) the tests of the shared main run, of the PostgreSQL
+    server and of test_grid's resumed grid each go to one worker, which makes it once; the others
+    spread one by one (a cheap module-scoped fixture may be made by more than one worker), longest
     module first (the last run's durations, else the count of slow tests), in the order xdist
-    hands them out: the short ones fill in at the end, so the two workers finish together.
-    A module's tests stay together and in order (its module-scoped fixtures are made once)."""
+    hands them out: the short ones fill in at the end, so the workers finish together."""
     for item in items:
-        for shared in ("trained", "postgres"):
+        for shared in ("trained", "postgres", "resumed_grid"):
             if shared in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(shared))
     last, weight = config.cache.get(DURATIONS, {}) if hasattr(config, "cache") else {}, {}  # -p no:cacheprovider

@@ -134,6 +134,7 @@ def _same(a: list, b: list) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.eager  # traced on two devices in test_shared_study
 def test_two_phase_training_keeps_pretrained_batchnorm_and_logs_both_phases(lopsided, pretrained, monkeypatch):
     path, before, names, batchnorm = pretrained
     fits, real_fit = [], keras.Model.fit

@@ -1,11 +1,15 @@
 """The studies' grid: its definition, one parent with seven children, and resuming."""
 
+import contextlib
+import io
+from types import SimpleNamespace
+
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import as_under_mlflow_run, make_dataset, tiny, tiny_values
+from conftest import as_under_mlflow_run, eagerly, make_dataset, tiny, tiny_values
 
 import pipeline.train
 from pipeline.card import load_model
@@ -30,10 +34,14 @@ def test_points_differ_only_in_the_grid_parameters():
     assert shared == {(3, 7, "none", "runs:/x/data", 224, 0.5)}
 
 
-@pytest.mark.slow
-def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def resumed_grid(tmp_path_factory):
+    """One tiny grid, stopped as its fourth point starts and run again, for the tests of this module:
+    its result, what the second command printed, and the experiment's runs right after it. Eager,
+    as the tests that take it: grids that commands run, traced, are in test_stops and test_shared_study."""
     # A dataset name of its own: its registered model, gridshapes-resnet50, gets only this grid's version.
-    cfg = tiny(GridConfig, dataset=str(make_dataset(tmp_path / "gridshapes", n=8)), experiment="grid-e2e")
+    dataset = make_dataset(tmp_path_factory.mktemp("grid") / "gridshapes", n=8)
+    cfg = tiny(GridConfig, dataset=str(dataset), experiment="grid-e2e")
     real_train, calls = pipeline.train.train, []
 
     def train_then_break(point, *args, **kwargs):
@@ -42,18 +50,25 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
             raise KeyboardInterrupt("stopped half-way")
         return real_train(point, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.train, "train", train_then_break)
-    with pytest.raises(KeyboardInterrupt):
-        grid(cfg)
+    with eagerly(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline.train, "train", train_then_break)
+        with pytest.raises(KeyboardInterrupt):
+            grid(cfg)
     [interrupted] = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.step = 'grid'")["run_id"]
-
-    monkeypatch.setattr(pipeline.train, "train", real_train)
-    figures = set(plt.get_fignums())
-    result = grid(cfg)
+    figures, out = set(plt.get_fignums()), io.StringIO()
+    with eagerly(), contextlib.redirect_stdout(out):
+        result = grid(cfg)
     assert set(plt.get_fignums()) == figures  # each point's curves and matrix, and the chart, closed once logged
-    out = capsys.readouterr().out
-    assert result.run_id == interrupted and out.count("reusing finished run") == 3 and "Model 7" in out
-    runs = mlflow.search_runs(experiment_names=["grid-e2e"])
+    return SimpleNamespace(result=result, interrupted=interrupted, out=out.getvalue(),
+                           runs=mlflow.search_runs(experiment_names=["grid-e2e"]))
+
+
+@pytest.mark.slow
+@pytest.mark.eager
+def test_grid_makes_one_parent_with_seven_children_and_resumes(resumed_grid):
+    result, runs = resumed_grid.result, resumed_grid.runs
+    out = resumed_grid.out
+    assert result.run_id == resumed_grid.interrupted and out.count("reusing finished run") == 3 and "Model 7" in out
     children = runs[(runs["tags.mlflow.parentRunId"] == result.run_id) & (runs["status"] == "FINISHED")]
     assert len(runs) == 8 and len(children) == 7 and runs.loc[runs["run_id"] == result.run_id, "status"].item() == "FINISHED"
     assert sorted(children["tags.grid_point"].astype(int)) == list(range(1, 8))
@@ -77,14 +92,13 @@ def test_grid_makes_one_parent_with_seven_children_and_resumes(tmp_path, capsys,
 
 
 @pytest.mark.slow
-def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(tmp_path, monkeypatch):
+@pytest.mark.eager
+def test_log_model_rebuilds_a_points_model_exactly_and_it_predicts_as_the_cached_head(resumed_grid, monkeypatch):
     """A point's whole model, built on demand, scores the test split as the point's head did on
     cached features: same classes on at least 99% of images (here all), and the same val_loss.
     Under `mlflow run -e log-model` the model still goes to the point's run, and MLflow's run says so."""
-    cfg = tiny(GridConfig, dataset=str(make_dataset(tmp_path / "rebuildshapes", n=8)), experiment="grid-rebuild",
-               registered_model="grid-rebuild")
-    result = grid(cfg)
-    points = mlflow.search_runs(experiment_names=["grid-rebuild"], filter_string="tags.grid_point != ''",
+    result = resumed_grid.result
+    points = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.grid_point != ''",
                                 output_format="list")
     point = next(run for run in points if run.info.run_id != result.best_run_id)
     entry = as_under_mlflow_run(monkeypatch)  # mlflow run . -e log-model -P run=<point's id>
