@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -52,16 +53,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def left_in(session: int) -> list[str]:
-    """The command lines of the processes of a session still there (zombies' are empty)."""
-    left = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == session:
-                left.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:200])
-        except (OSError, ValueError, IndexError):
-            continue
-    return left
+def left_in(session: int, seconds: float = 30) -> list[str]:
+    """The command lines of the processes of a session still there after waiting up to seconds
+    for them to end (zombies' are empty)."""
+    deadline = time.time() + seconds
+    while True:
+        left = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == session:
+                    left.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:200])
+            except (OSError, ValueError, IndexError):
+                continue
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def stop_group(process: subprocess.Popen, seconds: float = 20) -> None:

@@ -50,14 +50,14 @@ def resumed_grid(tmp_path_factory):
             raise KeyboardInterrupt("stopped half-way")
         return real_train(point, *args, **kwargs)
 
-    with eagerly(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.train, "train", train_then_break)
-        with pytest.raises(KeyboardInterrupt):
+    with eagerly():
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+            mp.setattr(pipeline.train, "train", train_then_break)
             grid(cfg)
-    [interrupted] = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.step = 'grid'")["run_id"]
-    figures, out = set(plt.get_fignums()), io.StringIO()
-    with eagerly(), contextlib.redirect_stdout(out):
-        result = grid(cfg)
+        [interrupted] = mlflow.search_runs(experiment_names=["grid-e2e"], filter_string="tags.step = 'grid'")["run_id"]
+        figures, out = set(plt.get_fignums()), io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = grid(cfg)
     assert set(plt.get_fignums()) == figures  # each point's curves and matrix, and the chart, closed once logged
     return SimpleNamespace(result=result, interrupted=interrupted, out=out.getvalue(),
                            runs=mlflow.search_runs(experiment_names=["grid-e2e"]))
